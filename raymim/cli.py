@@ -1,0 +1,93 @@
+"""The ``raymim`` command line: synth, prepare, pretrain, finetune, tune, export, demo.
+
+Each subcommand lives beside the code it drives (``raymim/data/commands.py`` and so on) and
+exposes ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. The module is imported
+only when its subcommand runs, so ``raymim --help`` stays instant (no torch or Ray import).
+
+Exit codes: 0 success, 2 usage or config errors, 3 partial success (some inputs quarantined),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("raymim.data.commands", "generate CT-like phantoms with lesions, labels, reports and domains"),
+    "prepare": ("raymim.data.commands", "turn scans into de-identified crops in Parquet shards (Ray Data)"),
+    "pretrain": ("raymim.train.commands", "pretrain an encoder with a registered method (Ray Train)"),
+    "finetune": ("raymim.downstream.commands", "fine-tune segmentation on a label fraction vs scratch"),
+    "tune": ("raymim.tune.commands", "sweep hyperparameters with Ray Tune, scored downstream"),
+    "export": ("raymim.export.commands", "export an encoder as a MONAI bundle or UNETR/SwinUNETR weights"),
+    "demo": ("raymim.demo", "synth -> prepare -> pretrain on a local Ray instance, with a local MLflow store"),
+}
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    return argparse.ArgumentParser(
+        prog="raymim",
+        description="Self-supervised pretraining for 3D medical images on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"commands:\n{lines}\n\nRun `raymim COMMAND --help` for a command's options.",
+        usage="raymim [-h] [--version] COMMAND [options]",
+    )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--config FILE`` / ``--set a.b=c`` pair every config-driven command shares."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config (see jobs/configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set method.mask_ratio=0.6 (repeatable)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return EXIT_OK if argv else EXIT_USAGE
+    if argv[0] == "--version":
+        from raymim import __version__
+
+        print(f"raymim {__version__}")
+        return EXIT_OK
+    name = argv[0]
+    if name not in COMMANDS:
+        top.print_usage(sys.stderr)
+        print(f"raymim: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"raymim {name}", description=help_)
+    getattr(module, f"add_{name}_arguments")(parser)
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    from raymim.config import ConfigError
+
+    try:
+        return int(getattr(module, f"run_{name}")(args) or 0)
+    except ConfigError as exc:
+        print(f"raymim {name}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"raymim {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

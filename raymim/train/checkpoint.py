@@ -1,0 +1,98 @@
+"""Checkpoint layout and safe loading.
+
+A raymim checkpoint is a directory (the one Ray Train's ``Checkpoint`` points at):
+
+- ``state.pt``: training state: ``model`` (method state dict), ``optimizer``, ``scheduler``,
+  ``scaler``, ``step``, ``epoch``, ``rng`` (torch / numpy / python states as tensors), and
+  ``config_hash`` (the hash of the sections that shape the model and the optimisation). Plain
+  tensors, numbers, strings, lists and dicts only, so ``torch.load(weights_only=True)`` reads it.
+- ``encoder.pt``: the backbone's ``state_dict`` alone (what downstream fine-tuning and
+  ``raymim export`` load), also ``weights_only``-safe.
+- ``config.yaml``: the full :class:`raymim.config.RaymimConfig` of the run.
+- ``meta.json``: step, metrics at save time, method and backbone names.
+
+The same ``encoder.pt`` + ``config.yaml`` pair is logged to MLflow under the artifact path
+``encoder/`` so ``raymim finetune --pretrained runs:/<run_id>/encoder`` (or a bare run id) works.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from raymim.config import RaymimConfig, config_from_dict, config_hash, dump_yaml, to_dict
+
+STATE_FILE, ENCODER_FILE, CONFIG_FILE, META_FILE = "state.pt", "encoder.pt", "config.yaml", "meta.json"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint written by a run whose model/method/optimisation config differs."""
+
+
+def model_config_hash(cfg: RaymimConfig) -> str:
+    """Hash of what must match for a checkpoint to resume: model, method and train sections
+    (minus the fields that may legitimately change on resume: worker count, logging cadence)."""
+    train = to_dict(cfg.train)
+    for key in ("num_workers", "use_gpu", "cpus_per_worker", "log_every", "max_failures", "keep_checkpoints"):
+        train.pop(key, None)
+    return config_hash({"model": to_dict(cfg.model), "method": to_dict(cfg.method), "train": train})
+
+
+def write_checkpoint(path: str | Path, *, state: dict[str, Any], encoder_state: dict[str, torch.Tensor],
+                     cfg: RaymimConfig, meta: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / STATE_FILE)
+    torch.save(encoder_state, path / ENCODER_FILE)
+    (path / CONFIG_FILE).write_text(dump_yaml(cfg))
+    (path / META_FILE).write_text(json.dumps(meta, indent=2, default=float))
+    return path
+
+
+def read_state(path: str | Path, cfg: RaymimConfig | None = None) -> dict[str, Any]:
+    """Load ``state.pt``; with ``cfg``, refuse a checkpoint from another configuration."""
+    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    if cfg is not None:
+        want, got = model_config_hash(cfg), state.get("config_hash")
+        if got != want:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was written by a different config (hash {got}, this run {want}); "
+                "use another --name, or the same config to resume."
+            )
+    return state
+
+
+def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], RaymimConfig]:
+    """``(encoder_state_dict, config)`` from a checkpoint directory, an ``encoder.pt`` file with
+    ``config.yaml`` beside it, or an MLflow reference (``runs:/<id>/encoder`` or a bare run id)."""
+    path = _resolve(str(path))
+    if path.is_dir():
+        enc_file, cfg_file = path / ENCODER_FILE, path / CONFIG_FILE
+    else:
+        enc_file, cfg_file = path, path.parent / CONFIG_FILE
+    if not enc_file.is_file():
+        raise FileNotFoundError(f"no {ENCODER_FILE} at {path}")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} beside {enc_file}: cannot tell which backbone it is")
+    state = torch.load(enc_file, map_location="cpu", weights_only=True)
+    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    return state, cfg
+
+
+def _resolve(ref: str) -> Path:
+    local = Path(ref)
+    if local.exists():
+        return local
+    if ref.startswith("runs:/") or ref.startswith("models:/") or (len(ref) == 32 and ref.isalnum()):
+        import mlflow
+
+        from raymim.train.tracking import resolve_tracking_uri
+
+        uri = ref if "/" in ref else f"runs:/{ref}/encoder"
+        mlflow.set_tracking_uri(resolve_tracking_uri())
+        return Path(mlflow.artifacts.download_artifacts(uri))
+    raise FileNotFoundError(f"pretrained checkpoint not found: {ref}")

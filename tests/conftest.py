@@ -1,0 +1,42 @@
+"""Shared fixtures: one Ray session for the whole test run, the real-data folder, temp dirs.
+
+Ray costs 5-9 s to start, so every test that needs it takes ``ray_session`` (session scoped)
+instead of calling ``ray.init`` itself. Real scans come from ``$RAYMIM_TEST_DATA`` (default
+``../shared/data`` beside the repository); tests that need them skip cleanly when absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAYMIM_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of small real CT/MR scans (see its README); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (set RAYMIM_TEST_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        # More logical CPUs than cores so Train workers and Ray Data tasks never starve each
+        # other on a 2-core CI machine (DESIGN.md: "Cluster resources are not enough").
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=512 * 1024 * 1024,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        )
+    yield ray
+    ray.shutdown()
