@@ -117,6 +117,7 @@ class ModelConfig:
     conv_channels: list[int] = field(default_factory=lambda: [32, 64])
 
     def __post_init__(self) -> None:
+        _check_choice("model.backbone", self.backbone, ("vit", "swin", "convvit"))
         _check_positive("model.img_size", self.img_size)
         _check_positive("model.patch_size", self.patch_size)
         if self.img_size % self.patch_size:
@@ -128,6 +129,25 @@ class ModelConfig:
                 f"model.hidden_size should be divisible by model.num_heads={self.num_heads}, got {self.hidden_size}."
             )
         _check_range("model.dropout", self.dropout, 0.0, 1.0, lo_open=False)
+        # The MAE decoder uses a fixed 3D sin-cos position embedding (MONAI's), which splits the
+        # width into 6 sin/cos parts, and multi-head attention.
+        if self.decoder_hidden_size % 6 or self.decoder_hidden_size % self.decoder_heads:
+            raise ValueError(
+                "model.decoder_hidden_size should be divisible by 6 and by "
+                f"model.decoder_heads={self.decoder_heads}, got {self.decoder_hidden_size}."
+            )
+        if self.backbone == "convvit" and self.patch_size % 2 ** len(self.conv_channels):
+            raise ValueError(
+                f"model.patch_size should be divisible by 2**len(model.conv_channels)="
+                f"{2 ** len(self.conv_channels)} for the convvit backbone, got {self.patch_size}."
+            )
+        if len(self.swin_depths) != 4 or len(self.swin_heads) != 4:
+            raise ValueError(
+                f"model.swin_depths and model.swin_heads should have 4 stages, got {self.swin_depths} "
+                f"and {self.swin_heads}."
+            )
+        if self.swin_feature_size % 12:
+            raise ValueError(f"model.swin_feature_size should be divisible by 12, got {self.swin_feature_size}.")
 
 
 @dataclass
@@ -135,8 +155,12 @@ class MethodConfig:
     """Which pretraining method, and its hyperparameters. ``name`` is a registry key."""
 
     name: str = "mae"
+    # MAE and SimMIM papers: 0.75 (MAE) / 0.6 (SimMIM); MiM paper: 0.6.
     mask_ratio: float = 0.75
+    # Normalise each target patch by its own mean / std (MAE's norm_pix_loss).
     norm_pix_loss: bool = False
+    # Reconstruction loss: "auto" picks each paper's choice (MAE / MiM: mse, SimMIM: l1).
+    recon_loss: str = "auto"
     # SimMIM-style block masking: side of a masked block, in tokens (1 = token-wise random).
     mask_block: int = 1
     # MiM (Mask in Mask)
@@ -144,13 +168,25 @@ class MethodConfig:
     # Crop side of each level in voxels of the level-1 input frame's parent volume; level 1 is
     # the large crop, each further level is a sub-volume of a masked cube of the level above.
     level_sizes: list[int] = field(default_factory=lambda: [384, 96, 16])
+    # MiM: level-(l+1) volumes drawn from the masked cubes of level l, per sample (paper: 4).
     gamma: int = 4
+    # MiM: weight of the cross-level alignment loss, L = L_R + alpha * L_C (paper Eq. 10: 0.1).
     alpha: float = 0.1
+    # MiM: InfoNCE temperature of the cross-level alignment (Eq. 7).
     tau: float = 0.2
+    # Output width of the projection heads used by the contrastive / alignment losses.
     proj_dim: int = 128
 
     def __post_init__(self) -> None:
         _check_range("method.mask_ratio", self.mask_ratio, 0.0, 1.0)
+        _check_choice("method.recon_loss", self.recon_loss, ("auto", "mse", "l1"))
+        if len(self.level_sizes) < self.levels or any(s <= 0 for s in self.level_sizes):
+            raise ValueError(
+                f"method.level_sizes should hold method.levels={self.levels} positive sizes, got {self.level_sizes}."
+            )
+        if any(b > a for a, b in zip(self.level_sizes, self.level_sizes[1:])):
+            raise ValueError(f"method.level_sizes should not increase from level to level, got {self.level_sizes}.")
+        _check_positive("method.proj_dim", self.proj_dim)
         _check_positive("method.mask_block", self.mask_block)
         if not 1 <= self.levels <= 4:
             raise ValueError(f"method.levels should be in the range [1, 4], got {self.levels}.")
@@ -179,6 +215,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 10
+    visual_every: int = 500  # reconstruction panel to MLflow every N steps (0: never)
     max_failures: int = 1
     seed: int = 0
 
@@ -198,6 +235,75 @@ class MlflowConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Downstream segmentation fine-tuning (``raymim finetune``) and quick Tune objectives.
+
+    Label fractions subsample the training cases of a split fixed by ``split_seed``; each seed
+    trains a pretrained/scratch pair with the same budget.
+    """
+
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0])
+    seeds: int = 3
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # Original label values to keep (mapped to 1..K in order); None keeps every label > 0 as is.
+    classes: list[int] | None = None
+    class_names: list[str] | None = None
+    steps: int = 200
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    # Training crop / sliding-window ROI; None uses model.img_size in every axis.
+    roi_size: list[int] | None = None
+    feature_size: int = 16
+    norm_name: str = "instance"
+    freeze_encoder: bool = False
+    nsd_tolerance_mm: float = 2.0
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.25
+    # "ray": one Ray Train job runs the whole grid (cells split over workers); "local": in-process.
+    engine: str = "ray"
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    overlays: int = 2
+    # Quick mode (demo, Tune trials): first fraction only, one seed, quick_steps steps.
+    quick_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.fractions:
+            raise ValueError(f"finetune.fractions should list at least one fraction, got {self.fractions}.")
+        for f in self.fractions:
+            _check_range("finetune.fractions", f, 0.0, 1.0, hi_open=False)
+        for name in ("seeds", "steps", "batch_size", "feature_size", "sw_batch_size", "num_workers", "quick_steps"):
+            _check_positive(f"finetune.{name}", getattr(self, name))
+        _check_range("finetune.val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False)
+        _check_range("finetune.test_fraction", self.test_fraction, 0.0, 1.0)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                "finetune.val_fraction + finetune.test_fraction should be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}."
+            )
+        if self.classes is not None and (not self.classes or any(int(c) <= 0 for c in self.classes)):
+            raise ValueError(f"finetune.classes should be positive label values or null, got {self.classes}.")
+        if self.class_names is not None and self.classes is not None and len(self.class_names) != len(self.classes):
+            raise ValueError(
+                f"finetune.class_names should name each of finetune.classes={self.classes}, got {self.class_names}."
+            )
+        _check_positive("finetune.lr", self.lr)
+        if self.roi_size is not None and (len(self.roi_size) != 3 or any(int(s) < 8 for s in self.roi_size)):
+            raise ValueError(f"finetune.roi_size should be three sizes >= 8 or null, got {self.roi_size}.")
+        _check_choice("finetune.norm_name", self.norm_name, ("instance", "batch"))
+        _check_positive("finetune.nsd_tolerance_mm", self.nsd_tolerance_mm)
+        _check_range("finetune.sw_overlap", self.sw_overlap, 0.0, 1.0, lo_open=False)
+        _check_choice("finetune.engine", self.engine, ("ray", "local"))
+        _check_positive("finetune.cpus_per_worker", self.cpus_per_worker)
+        if self.overlays < 0:
+            raise ValueError(f"finetune.overlays should be >= 0, got {self.overlays}.")
+
+
+@dataclass
 class RaymimConfig:
     """The whole configuration tree; each command reads the sections it needs."""
 
@@ -207,6 +313,7 @@ class RaymimConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""CT-like phantoms with organs, lesions, label maps, radiology-style reports and site domains.
+
+Each phantom is a torso in a ``size^3`` grid: a body outline (subcutaneous fat around soft
+tissue), liver (patient's right), two kidneys, two lungs (upper half), a spine, scanner noise,
+and 1-3 lesions inside the liver, a kidney or a lung with random size and contrast. Values are
+Hounsfield units stored as int16 NIfTI with a correct affine; labels (:data:`LABELS`) as uint8.
+
+"Sites" differ like scanners do: voxel spacing, noise level, contrast scaling and the stored
+axis orientation (site 0 writes RAS, site 1 LPS, site 2 LAS, then repeat), so preprocessing
+must reorient and multi-domain methods (HSSL) have a domain tag to predict.
+
+Example::
+
+    manifest = generate_phantoms("phantoms", cases=8, size=48, seed=0)  # phantoms/manifest.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+LABELS: dict[int, str] = {
+    0: "background",
+    1: "body",
+    2: "liver",
+    3: "kidney_right",
+    4: "kidney_left",
+    5: "lung_right",
+    6: "lung_left",
+    7: "bone",
+    8: "lesion",
+}
+LESION = 8
+
+# Organ centres / radii in normalised RAS coordinates ([-1, 1] across the field of view;
+# +x is the patient's right... of the viewer's left: RAS means +x points to patient Left? No:
+# in RAS+ the x axis increases towards the patient's Right is wrong; it increases to the Left->Right
+# of the image, i.e. towards the patient's *left*. We follow nibabel: RAS+ = x grows to the Right
+# hand of the patient is "R". See below: x > 0 is the patient's right.
+_ORGANS = {
+    2: ((0.35, 0.05, -0.35), (0.38, 0.35, 0.30), 60.0),  # liver
+    3: ((0.38, -0.35, -0.60), (0.12, 0.10, 0.18), 35.0),  # kidney_right
+    4: ((-0.38, -0.35, -0.60), (0.12, 0.10, 0.18), 35.0),  # kidney_left
+    5: ((0.38, 0.00, 0.45), (0.30, 0.40, 0.45), -850.0),  # lung_right
+    6: ((-0.38, 0.00, 0.45), (0.28, 0.40, 0.45), -850.0),  # lung_left
+}
+# (spacing mm, noise HU, contrast scale, orientation codes)
+_SITES = [
+    ((1.5, 1.5, 1.5), 12.0, 1.00, "RAS"),
+    ((1.0, 1.0, 2.5), 25.0, 1.15, "LPS"),
+    ((0.8, 0.8, 3.0), 40.0, 0.90, "LAS"),
+]
+
+
+def _site(k: int) -> tuple[tuple[float, float, float], float, float, str]:
+    spacing, noise, contrast, codes = _SITES[k % len(_SITES)]
+    extra = k // len(_SITES)  # more sites than presets: vary spacing a little
+    return tuple(s * (1 + 0.1 * extra) for s in spacing), noise * (1 + 0.2 * extra), contrast, codes
+
+
+def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+
+
+def _phantom(rng: np.random.Generator, size: int, site: int):
+    """-> (hu int16 [X,Y,Z] in RAS order, label uint8, report str, spacing)."""
+    spacing, noise, contrast, _ = _site(site)
+    ax = np.linspace(-1, 1, size, dtype=np.float32)
+    grid = np.meshgrid(ax, ax, ax, indexing="ij")
+    x, y, _z = grid
+    label = np.zeros((size,) * 3, np.uint8)
+    hu = np.full((size,) * 3, -1000.0, np.float32)
+    bx, by = 0.85 + rng.uniform(-0.05, 0.05), 0.65 + rng.uniform(-0.05, 0.05)
+    body = (x / bx) ** 2 + (y / by) ** 2 <= 1.0
+    inner = (x / (bx - 0.08)) ** 2 + (y / (by - 0.08)) ** 2 <= 1.0
+    label[body] = 1
+    hu[body] = -100.0  # fat
+    hu[inner] = 40.0  # soft tissue / muscle
+    for lab, (centre, radii, value) in _ORGANS.items():
+        c = np.asarray(centre) + rng.uniform(-0.04, 0.04, 3)
+        m = _ellipsoid(grid, c, np.asarray(radii) * rng.uniform(0.9, 1.1, 3)) & inner
+        label[m] = lab
+        hu[m] = value * (contrast if value > 0 else 1.0)
+    spine = ((x / 0.1) ** 2 + ((y + 0.45) / 0.1) ** 2 <= 1.0) & inner
+    label[spine] = 7
+    hu[spine] = 700.0
+    half_fov = 0.5 * size * np.asarray(spacing)
+    findings = []
+    for _ in range(int(rng.integers(1, 4))):
+        organ = int(rng.choice([2, 2, 3, 4, 5, 6]))
+        idx = np.argwhere(label == organ)
+        if len(idx) == 0:
+            continue
+        centre_vox = idx[rng.integers(len(idx))]
+        centre = ax[centre_vox]
+        r = rng.uniform(0.04, 0.12)
+        m = _ellipsoid(grid, centre, (r, r, r)) & (label == organ)
+        delta = rng.choice([-1, 1]) * rng.uniform(25, 80) * contrast
+        base = -850.0 if organ in (5, 6) else None
+        hu[m] = (base + 800.0 + delta) if base is not None else hu[m] + delta
+        label[m] = LESION
+        diam_mm = 2 * r * float(np.mean(half_fov))
+        name = LABELS[organ]
+        side = "right" if name.endswith("right") or organ == 2 else "left"
+        organ_word = {"liver": "liver", "kidney": "kidney", "lung": "lung"}[name.split("_")[0]]
+        kind = "nodule" if organ in (5, 6) else ("hypodense" if delta < 0 else "hyperdense") + " lesion"
+        findings.append(f"A {diam_mm:.0f} mm {kind} in the {side} {organ_word}.")
+    hu += rng.normal(0.0, noise, hu.shape).astype(np.float32)
+    report = "CT chest and abdomen. " + (" ".join(findings) if findings else "No focal lesion.")
+    return np.clip(hu, -1024, 3071).astype(np.int16), label, report, spacing
+
+
+def _to_codes(data: np.ndarray, spacing, codes: str) -> tuple[np.ndarray, np.ndarray]:
+    """Store a RAS-ordered array in another axis orientation, with the matching affine."""
+    size = np.asarray(data.shape)
+    affine = np.diag([*spacing, 1.0]).astype(np.float64)
+    affine[:3, 3] = -0.5 * (size - 1) * np.asarray(spacing)  # centre at the world origin
+    for axis, (have, want) in enumerate(zip("RAS", codes, strict=True)):
+        if have != want:
+            data = np.flip(data, axis)
+            affine[:3, 3] += affine[:3, axis] * (size[axis] - 1)
+            affine[:3, axis] *= -1
+    return np.ascontiguousarray(data), affine
+
+
+def generate_phantoms(out_dir: str | os.PathLike, cases: int, size: int = 64, seed: int = 0,
+                      sites: int = 3) -> Path:
+    """Write ``cases`` phantoms (NIfTI image + label) and ``manifest.csv``; return its path.
+
+    Deterministic per ``(seed, case index)``. Manifest columns: image, label, report, domain
+    (paths relative to the manifest).
+    """
+    if cases < 1 or size < 16 or sites < 1:
+        raise ValueError(f"need cases >= 1, size >= 16, sites >= 1, got {cases}, {size}, {sites}.")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(cases):
+        rng = np.random.default_rng([seed, i])
+        site = i % sites
+        hu, label, report, spacing = _phantom(rng, size, site)
+        codes = _site(site)[3]
+        img_arr, affine = _to_codes(hu, spacing, codes)
+        lab_arr, _ = _to_codes(label, spacing, codes)
+        name = f"case_{i:05d}.nii.gz"
+        for arr, sub in ((img_arr, "images"), (lab_arr, "labels")):
+            nii = nib.Nifti1Image(arr, affine)
+            nii.header.set_xyzt_units("mm")
+            nii.set_qform(affine, code=1)
+            nii.set_sform(affine, code=1)
+            nib.save(nii, out / sub / name)
+        rows.append({"image": f"images/{name}", "label": f"labels/{name}", "report": report,
+                     "domain": f"site{site}"})
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "label", "report", "domain"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest

@@ -1,0 +1,151 @@
+"""Segmentation networks around a pretrained encoder, and encoder weight loading.
+
+- ``vit``: MONAI ``UNETR``. MONAI hard-codes 12 transformer layers; :class:`ViTUNETR` is the
+  same class with the encoder depth taken from the config and the three skip connections taken
+  at 1/4, 1/2 and 3/4 of the depth (3, 6, 9 for 12 layers: identical to MONAI's UNETR, so a
+  12-layer network's state dict loads into ``monai.networks.nets.UNETR`` unchanged).
+- ``swin``: MONAI ``SwinUNETR``; its ``swinViT`` is the encoder.
+- ``convvit``: a UNETR-style decoder on raymim's hybrid ConvViT encoder (needs
+  ``raymim.models.build_encoder``).
+
+Example::
+
+    net, prefix = build_segmentation_network(cfg.model, num_classes=3, roi_size=(32, 32, 32))
+    report = load_encoder(net, encoder_state, cfg.model, roi_size=(32, 32, 32))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from monai.networks.nets import UNETR, ViT, SwinUNETR
+from torch import nn
+
+from raymim.config import ModelConfig
+from raymim.export.converters import (
+    adapt_vit_state,
+    check_encoder_load,
+    infer_swin_args,
+    to_swinunetr_state_dict,
+    vit_num_layers,
+)
+
+ENCODER_PREFIX = {"vit": "vit.", "swin": "swinViT.", "convvit": "encoder."}
+
+
+class ViTUNETR(UNETR):
+    """MONAI ``UNETR`` with a configurable encoder depth (skips at depth/4, depth/2, 3 depth/4)."""
+
+    def __init__(self, in_channels: int, out_channels: int, img_size: Sequence[int], *, num_layers: int = 12,
+                 feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072, num_heads: int = 12,
+                 norm_name: str = "instance", dropout_rate: float = 0.0, qkv_bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, img_size, feature_size=feature_size, hidden_size=hidden_size,
+                         mlp_dim=mlp_dim, num_heads=num_heads, norm_name=norm_name, dropout_rate=dropout_rate,
+                         qkv_bias=qkv_bias)
+        if num_layers != self.num_layers:
+            self.num_layers = num_layers
+            self.vit = ViT(in_channels=in_channels, img_size=img_size, patch_size=self.patch_size,
+                           hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads,
+                           proj_type="conv", classification=False, dropout_rate=dropout_rate, qkv_bias=qkv_bias)
+        self.skips = (num_layers // 4, num_layers // 2, (3 * num_layers) // 4)
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x, hidden = self.vit(x_in)
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(self.proj_feat(hidden[self.skips[0]]))
+        enc3 = self.encoder3(self.proj_feat(hidden[self.skips[1]]))
+        enc4 = self.encoder4(self.proj_feat(hidden[self.skips[2]]))
+        dec3 = self.decoder5(self.proj_feat(x), enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        return self.out(self.decoder2(dec1, enc1))
+
+
+def build_segmentation_network(
+    model_cfg: ModelConfig,
+    num_classes: int,
+    roi_size: Sequence[int],
+    encoder_state: Mapping[str, torch.Tensor] | None = None,
+    feature_size: int = 16,
+    norm_name: str = "instance",
+) -> tuple[nn.Module, str]:
+    """``(network, encoder_prefix)``; architecture details the config does not fix (depth, qkv
+    bias, Swin depths / heads / window) are read from ``encoder_state`` when given, so the
+    pretrained and the scratch network of a pair are the same architecture."""
+    roi = tuple(int(s) for s in roi_size)
+    backbone = model_cfg.backbone
+    if backbone == "vit":
+        if model_cfg.patch_size != 16:
+            raise ValueError(f"UNETR's decoder assumes patch size 16, got model.patch_size={model_cfg.patch_size}.")
+        layers, qkv_bias = model_cfg.num_layers, False
+        if encoder_state is not None:
+            sd, _ = adapt_vit_state(encoder_state)
+            layers = vit_num_layers(sd) or layers
+            qkv_bias = "blocks.0.attn.qkv.bias" in sd
+        net = ViTUNETR(model_cfg.in_channels, num_classes, roi, num_layers=layers, feature_size=feature_size,
+                       hidden_size=model_cfg.hidden_size, mlp_dim=model_cfg.mlp_dim, num_heads=model_cfg.num_heads,
+                       norm_name=norm_name, dropout_rate=model_cfg.dropout, qkv_bias=qkv_bias)
+        return net, ENCODER_PREFIX["vit"]
+    if backbone == "swin":
+        if encoder_state is not None:
+            args = infer_swin_args(encoder_state)
+        else:
+            args = {"in_channels": model_cfg.in_channels, "feature_size": model_cfg.swin_feature_size,
+                    "patch_size": 2, "depths": tuple(model_cfg.swin_depths), "num_heads": tuple(model_cfg.swin_heads),
+                    "window_size": model_cfg.swin_window_size, "use_v2": False}
+        net = SwinUNETR(out_channels=num_classes, norm_name=norm_name, **args)  # type: ignore[arg-type]
+        return net, ENCODER_PREFIX["swin"]
+    if backbone == "convvit":
+        return _build_convvit_unetr(model_cfg, num_classes, roi, feature_size, norm_name), ENCODER_PREFIX["convvit"]
+    raise ValueError(f"model.backbone should be one of ('vit', 'swin', 'convvit'), got {backbone!r}.")
+
+
+def _build_convvit_unetr(model_cfg: ModelConfig, num_classes: int, roi: tuple[int, ...], feature_size: int,
+                         norm_name: str) -> nn.Module:
+    try:
+        from raymim.models import build_encoder  # type: ignore[attr-defined]
+    except ImportError as exc:  # the methods core has not shipped the hybrid encoder yet
+        raise NotImplementedError("the convvit backbone needs raymim.models.build_encoder") from exc
+    from raymim.downstream.convvit_unetr import ConvViTUNETR
+
+    return ConvViTUNETR(build_encoder(model_cfg), num_classes, roi, feature_size=feature_size, norm_name=norm_name)
+
+
+def encoder_of(net: nn.Module, prefix: str) -> nn.Module:
+    return getattr(net, prefix.rstrip("."))
+
+
+def load_encoder(net: nn.Module, encoder_state: Mapping[str, torch.Tensor], backbone: str,
+                 roi_size: Sequence[int]) -> dict[str, object]:
+    """Load pretrained encoder weights into ``net``; raise if any encoder key is missing.
+
+    Returns ``{"loaded": n, "missing_encoder": [], "missing_other": [...], "unexpected": [...],
+    "filled": [...], "interpolated": [...]}`` (the decoder keys are the expected ``missing_other``).
+    """
+    notes: dict[str, list[str]] = {"filled": [], "interpolated": []}
+    if backbone == "vit":
+        sd, notes = adapt_vit_state(encoder_state, img_size=tuple(roi_size))
+        sd = {f"vit.{k}": v for k, v in sd.items()}
+    elif backbone == "swin":
+        sd = to_swinunetr_state_dict(encoder_state)
+    else:
+        sd = {f"encoder.{k}": v for k, v in encoder_state.items()}
+    prefix = ENCODER_PREFIX[backbone]
+    target = net.state_dict()
+    # Keys the encoder has but the network does not (e.g. MAE's mask token) are reported, not loaded.
+    unexpected = [k for k in sd if k not in target]
+    result = net.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    report = check_encoder_load(result.missing_keys, unexpected, prefix)
+    report["loaded"] = len(sd) - len(unexpected)  # type: ignore[assignment]
+    report.update(notes)
+    return report  # type: ignore[return-value]
+
+
+def freeze_encoder(net: nn.Module, prefix: str) -> int:
+    """Freeze the encoder's parameters (linear-probe style); returns how many were frozen."""
+    n = 0
+    for p in encoder_of(net, prefix).parameters():
+        p.requires_grad_(False)
+        n += 1
+    return n

@@ -1,0 +1,178 @@
+"""MiM multi-level masked volumes with true 3D block indexing.
+
+Zhuang et al., "MiM: Mask in Mask Self-Supervised Pre-Training for 3D Medical Image Analysis",
+IEEE TMI 2025 (arXiv:2404.15580). Level 1 is a large crop of the scan resized to the network
+input; every level is masked; level l+1 holds ``gamma`` volumes (per sample) cropped from the
+*masked* cubes of level l and resized to the same input size, so finer levels re-see, at higher
+resolution, regions that the coarser level must reconstruct.
+
+Geometry, all in voxels of the input image ``image[b]``:
+
+* box sides follow the paper's ratios (384 -> 96 -> 16 voxels): ``level_sizes`` is scaled by
+  ``min(1, min(image side) / level_sizes[0])``, so a 96^3 input crop gives boxes 96, 24, 4;
+* a level with children is masked by whole cubes of ``k^3`` tokens (true 3D blocks of the token
+  grid, ``k`` the smallest divisor of the grid, >= ``mask_block``, whose cube holds a child box);
+  a child box is drawn inside one *fully masked* cube, and its parent token is the token of that
+  cube that holds the child's centre. (The public reference groups 27 consecutive flattened
+  tokens, which are not a 3x3x3 cube; here cubes are real.)
+* the last level (no children) is masked with ``mask_block`` (1 = MAE random masking), so with a
+  single level MiM is exactly MAE.
+
+Choice made explicit: ``gamma`` children are drawn per sample per level (each from a random
+parent volume of the level above), so a sample yields ``1 + gamma * (L - 1)`` volumes.
+
+Example::
+
+    >>> levels = mim_levels(torch.rand(2, 1, 96, 96, 96), img_size=96, patch_size=16,
+    ...                     level_sizes=[384, 96, 16], mask_ratio=0.6, gamma=4)
+    >>> [lv.volumes.shape[0] for lv in levels]  # [2, 8, 8]
+    >>> levels[1].boxes.shape, levels[1].parent_token.shape  # [2, 4, 6], [2, 4]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from raymim.masking.tokens import TokenMask, block_masking, num_masked
+
+
+class MiMLevel(NamedTuple):
+    """One level of the MiM hierarchy (``n`` volumes per sample, sample-major)."""
+
+    volumes: torch.Tensor  # [B * n, C, S, S, S] network inputs, row b * n + i
+    mask: TokenMask  # mask [B * n, L] (1 = removed), ids_keep [B * n, K], ids_restore [B * n, L]
+    boxes: torch.Tensor  # [B, n, 6] long: (z0, y0, x0, z1, y1, x1) in image voxels, end exclusive
+    parent: torch.Tensor  # [B, n] long: index i of the parent volume in the level above; -1 at level 1
+    parent_token: torch.Tensor  # [B, n] long: flat (d, h, w) token index in the parent's grid; -1 at level 1
+    block: int  # side, in tokens, of this level's masking cubes
+
+
+def level_box_sides(image_shape: Sequence[int], level_sizes: Sequence[int], levels: int) -> list[int]:
+    """Box side (image voxels) of each level: the paper's sizes, scaled to fit the image."""
+    scale = min(1.0, min(int(s) for s in image_shape) / float(level_sizes[0]))
+    return [max(1, int(round(s * scale))) for s in level_sizes[:levels]]
+
+
+def cube_block(box_side: int, grid: int, child_side: int, min_block: int = 1) -> int:
+    """Smallest cube side ``k`` (tokens) dividing ``grid`` whose cube holds a ``child_side`` box."""
+    for k in range(max(1, min_block), grid + 1):
+        if grid % k:
+            continue
+        # Integer-aligned room inside a cube [lo, lo + k * side / grid): exact integer arithmetic.
+        if k * box_side - child_side * grid >= (0 if box_side % grid == 0 else grid):
+            return k
+    raise ValueError(
+        f"a child box of side {child_side} does not fit any masking cube of a level box of side {box_side} "
+        f"with a token grid of {grid}; use smaller method.level_sizes ratios."
+    )
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    """Uniform int in [0, high); draws nothing when there is a single choice."""
+    if high <= 1:
+        return 0
+    return int(torch.randint(high, (1,), generator=generator).item())
+
+
+def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """image [B, C, D, H, W], boxes [B, n, 6] (equal sides) -> [B * n, C, size, size, size]."""
+    crops = []
+    for b in range(boxes.shape[0]):
+        for z0, y0, x0, z1, y1, x1 in boxes[b].tolist():
+            crops.append(image[b, :, z0:z1, y0:y1, x0:x1])
+    out = torch.stack(crops)
+    if tuple(out.shape[2:]) != (size, size, size):
+        out = F.interpolate(out, size=(size, size, size), mode="trilinear", align_corners=False)
+    return out
+
+
+def _sample_children(
+    parent: MiMLevel, batch: int, side: int, grid: int, child_side: int, gamma: int, gen: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``gamma`` child boxes per sample inside fully masked cubes of the parent level."""
+    k = parent.block
+    n = parent.boxes.shape[1]
+    cubes = grid // k
+    # [B * n, cubes, k, cubes, k, cubes, k] -> a cube is fully masked when its min is 1.
+    m = parent.mask.mask.view(batch * n, cubes, k, cubes, k, cubes, k)
+    full = m.amin(dim=(2, 4, 6)) > 0.5  # [B * n, cubes, cubes, cubes]
+    boxes = torch.zeros(batch, gamma, 6, dtype=torch.long)
+    parents = torch.zeros(batch, gamma, dtype=torch.long)
+    tokens = torch.zeros(batch, gamma, dtype=torch.long)
+    for b in range(batch):
+        for j in range(gamma):
+            i = _randint(n, gen)
+            choices = full[b * n + i].nonzero()  # [M, 3] cube coords (d, h, w)
+            cube = choices[_randint(choices.shape[0], gen)].tolist()
+            origin = parent.boxes[b, i, :3].tolist()
+            start, token = [], []
+            for ax in range(3):
+                lo_num = origin[ax] * grid + cube[ax] * k * side  # cube start, times grid
+                lo = -(-lo_num // grid)  # ceil
+                hi = (lo_num + k * side - child_side * grid) // grid  # floor(last valid start)
+                s0 = lo + _randint(hi - lo + 1, gen)
+                start.append(s0)
+                centre = (s0 - origin[ax]) + child_side / 2.0
+                t = int(centre * grid // side)
+                token.append(min(max(t, cube[ax] * k), cube[ax] * k + k - 1))
+            boxes[b, j] = torch.tensor(start + [s + child_side for s in start])
+            parents[b, j] = i
+            tokens[b, j] = (token[0] * grid + token[1]) * grid + token[2]
+    return boxes, parents, tokens
+
+
+def mim_levels(
+    image: torch.Tensor,
+    img_size: int,
+    patch_size: int,
+    level_sizes: Sequence[int],
+    mask_ratio: float,
+    gamma: int,
+    levels: int | None = None,
+    mask_block: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+) -> list[MiMLevel]:
+    """Build the MiM level hierarchy for a batch ``image`` [B, C, D, H, W].
+
+    Returns one :class:`MiMLevel` per level; level 1 has one volume per sample, every further
+    level ``gamma`` per sample. Masks have exactly ``round(L * mask_ratio)`` removed tokens.
+    """
+    levels = len(level_sizes) if levels is None else levels
+    if not 1 <= levels <= len(level_sizes):
+        raise ValueError(f"levels should be in the range [1, {len(level_sizes)}], got {levels}.")
+    if img_size % patch_size:
+        raise ValueError(f"img_size should be a multiple of patch_size={patch_size}, got {img_size}.")
+    batch = image.shape[0]
+    grid = img_size // patch_size
+    sides = level_box_sides(image.shape[2:], level_sizes, levels)
+    # Level 1: one random box per sample.
+    boxes = torch.zeros(batch, 1, 6, dtype=torch.long)
+    for b in range(batch):
+        start = [_randint(int(dim) - sides[0] + 1, generator) for dim in image.shape[2:]]
+        boxes[b, 0] = torch.tensor(start + [s + sides[0] for s in start])
+    parents = torch.full((batch, 1), -1, dtype=torch.long)
+    tokens = torch.full((batch, 1), -1, dtype=torch.long)
+    out: list[MiMLevel] = []
+    for lvl in range(levels):
+        n = boxes.shape[1]
+        volumes = crop_resize(image, boxes, img_size)
+        has_children = lvl + 1 < levels
+        block = cube_block(sides[lvl], grid, sides[lvl + 1], mask_block) if has_children else mask_block
+        if has_children and num_masked(grid**3, mask_ratio) < block**3:
+            raise ValueError(
+                f"mask_ratio={mask_ratio} masks no whole {block}^3-token cube at level {lvl + 1}; "
+                "raise it or use smaller level_sizes ratios."
+            )
+        mask = block_masking(batch * n, (grid,) * 3, mask_ratio, block, generator=generator, device=image.device)
+        level = MiMLevel(volumes, mask, boxes, parents, tokens, block)
+        out.append(level)
+        if has_children:
+            boxes, parents, tokens = _sample_children(
+                level, batch, sides[lvl], grid, sides[lvl + 1], gamma, generator
+            )
+    return out

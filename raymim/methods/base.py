@@ -1,0 +1,93 @@
+"""The interface every pretraining method implements, and the method registry.
+
+A method is an ``nn.Module`` holding ``encoder`` (the backbone downstream fine-tuning loads)
+whose ``forward(batch)`` returns a :class:`MethodOutput`. Methods register by name
+(timm's ``@register_model`` pattern)::
+
+    @register_method("mae")
+    class MAE(PretrainMethod): ...
+
+    method = build_method("mae", config)      # config: RaymimConfig
+    out = method({"image": torch.rand(2, 1, 32, 32, 32)})
+    out.loss.backward(); out.metrics["loss_rec"]; out.visuals["recon"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymim.config import RaymimConfig
+
+
+class MethodOutput(NamedTuple):
+    """``loss``: scalar tensor; ``metrics``: floats (each loss term, mask ratio, ...);
+    ``visuals``: detached CPU tensors ``[C, D, H, W]`` for reconstruction panels."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    visuals: dict[str, torch.Tensor]
+
+
+class PretrainMethod(nn.Module):
+    """Base class: holds the config, the ``encoder`` and the training-progress hook."""
+
+    encoder: nn.Module
+
+    def __init__(self, config: RaymimConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.progress = 0.0  # fraction of training done, set by set_progress
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the trainer every step; schedules (e.g. an adaptive mask ratio) read it."""
+        self.progress = float(step) / float(max(total_steps, 1))
+
+    def fit_input(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, C, D, H, W] -> float, resized (trilinear) to the model's ``img_size`` if needed."""
+        image = image.float()
+        size = (self.config.model.img_size,) * 3
+        if tuple(image.shape[2:]) != size:
+            image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
+        return image
+
+    @staticmethod
+    def panel(x: torch.Tensor) -> torch.Tensor:
+        """First sample of a [B, C, D, H, W] batch, detached on CPU: [C, D, H, W]."""
+        return x[0].detach().float().cpu()
+
+    def forward(self, batch: dict[str, Any]) -> MethodOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+M = TypeVar("M", bound=type[PretrainMethod])
+_METHODS: dict[str, type[PretrainMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator adding a :class:`PretrainMethod` to the registry under ``name``."""
+
+    def wrap(cls: M) -> M:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}.")
+        _METHODS[name] = cls
+        cls.method_name = name
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_METHODS)
+
+
+def build_method(name: str, config: RaymimConfig) -> PretrainMethod:
+    """Instantiate the method registered as ``name`` from the whole config."""
+    if name not in _METHODS:
+        raise ValueError(f"method.name should be one of {tuple(list_methods())}, got {name!r}.")
+    return _METHODS[name](config)

@@ -1,0 +1,285 @@
+"""The Ray Train per-worker pretraining loop.
+
+One function, :func:`train_loop_per_worker`, runs on every worker of a ``TorchTrainer``. It
+builds the registered method, wraps it for DDP, streams crops from the ``"train"`` dataset shard
+and steps AdamW with warm-up + cosine, gradient accumulation, clipping and mixed precision.
+
+Checkpoints (every ``train.checkpoint_every`` optimiser steps and at the end) hold everything a
+resumed run needs to continue exactly: model, optimiser, scheduler, scaler, step, epoch, the
+number of batches already consumed in the current epoch, and the RNG states. A restarted worker
+group (``FailureConfig``) or a re-submitted run with the same name picks the latest one up through
+``ray.train.get_checkpoint()``.
+
+"Where in the data": every epoch iterates the shard with a local shuffle seeded by
+``(seed, epoch)``; on resume the loop skips the batches the checkpoint says were consumed. With
+several workers Ray Data's streaming split assigns blocks dynamically, so the skipped batches are
+the same *count*, not always the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from raymim.config import RaymimConfig, config_from_dict
+from raymim.train import checkpoint as ckpt
+from raymim.train.augment import augment_batch, build_augment
+from raymim.train.schedule import (
+    autocast,
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    effective_batch,
+    resolve_precision,
+)
+
+# Columns that ride along with the image when present (strings stay Python lists).
+PASSTHROUGH = ("label", "report", "domain", "lesion_prob", "case_id")
+
+
+class BatchCollate(NumpyBatchCollateFn):
+    """Numeric columns -> tensors (image as float32 ``[B, 1, D, H, W]``), text -> lists."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in batch.items():
+            if key != "image" and key not in PASSTHROUGH:
+                continue
+            arr = np.asarray(value)
+            if arr.dtype.kind in "fiub":
+                out[key] = torch.as_tensor(arr)
+            else:
+                out[key] = [None if v is None else str(v) for v in arr.tolist()]
+        out["image"] = out["image"].float().unsqueeze(1)
+        return out
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch / numpy / python RNG states as tensors and numbers (``weights_only``-loadable)."""
+    _, np_keys, np_pos, *_ = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.as_tensor(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "python_version": int(version),
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": float("nan") if gauss is None else float(gauss),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    gauss = state["python_gauss"]
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()),
+                     None if np.isnan(gauss) else gauss))
+
+
+def _fit_to_input(images: torch.Tensor, cfg: RaymimConfig) -> torch.Tensor:
+    """Methods other than MiM take crops at ``model.img_size``; MiM resizes its own levels."""
+    size = (cfg.model.img_size,) * 3
+    if cfg.method.name == "mim" or tuple(images.shape[2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="trilinear", align_corners=False)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for ``TorchTrainer(train_loop_per_worker=...)``.
+
+    ``config``: ``{"cfg": <nested RaymimConfig dict>, "mlflow_uri": str | None,
+    "mlflow_run_id": str | None}``.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from raymim.methods import build_method
+    from raymim.train.reporting import RankZeroLogger
+
+    cfg = config_from_dict(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(os.environ.get("RAYMIM_THREADS", round(tc.cpus_per_worker) or 1))))
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(tc.precision, device)
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    method = build_method(cfg.method.name, cfg)
+    model = ray.train.torch.prepare_model(
+        method, parallel_strategy_kwargs={"find_unused_parameters": True}
+    ) if world > 1 else method.to(device)
+    opt = build_optimizer(method, tc, world)
+    sched = build_scheduler(opt, tc)
+    scaler = build_scaler(precision, device)
+
+    step, epoch, consumed = 0, 0, 0
+    best = float("inf")
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = ckpt.read_state(d, cfg)
+        method.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["batches_in_epoch"])
+        best = float(state.get("best", best))
+        _set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+    else:
+        random.seed(tc.seed + rank)
+        np.random.seed(tc.seed + rank)
+        torch.manual_seed(tc.seed + rank)  # different augmentations / masks per rank
+
+    log = RankZeroLogger(rank, config.get("mlflow_uri"), config.get("mlflow_run_id"), cfg, config.get("best_dir"))
+    if restored is None:
+        log.note_start()
+    shard = ray.train.get_dataset_shard("train")
+    samples_per_step = effective_batch(tc, world)
+    sums: dict[str, float] = defaultdict(float)
+    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+    interval_loss, interval_n = 0.0, 0
+
+    while step < tc.steps:
+        batches = shard.iter_torch_batches(
+            batch_size=tc.batch_size, collate_fn=BatchCollate(), drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=max(4 * tc.batch_size, 8), local_shuffle_seed=tc.seed * 1000 + epoch,
+        )
+        aug = None
+        seen, outs, wait = 0, [], 0.0
+        t_ready = time.perf_counter()
+        for batch in batches:
+            seen += 1
+            if seen <= consumed:  # resuming mid-epoch: these batches were trained on already
+                t_ready = time.perf_counter()
+                continue
+            wait += time.perf_counter() - t_ready
+            if aug is None:
+                aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, "lesion_prob" not in batch,
+                                    tuple(batch["image"].shape[2:]))
+            batch["image"] = _fit_to_input(augment_batch(batch["image"], aug), cfg)
+            batch = _to_device(batch, device)
+            method.set_progress(step, tc.steps)
+            last_micro = len(outs) == tc.accumulation - 1
+            with model.no_sync() if (world > 1 and not last_micro) else nullcontext():
+                with autocast(precision, device):
+                    out = model(batch)
+                scaler.scale(out.loss / tc.accumulation).backward()
+            outs.append(out)
+            if not last_micro:
+                t_ready = time.perf_counter()
+                continue
+
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(method.parameters(), tc.clip_grad) if tc.clip_grad else None
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            consumed = seen
+
+            loss = float(sum(float(o.loss.detach()) for o in outs) / len(outs))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr or check the data")
+            sums["loss"] += loss
+            for o in outs:
+                for k, v in o.metrics.items():
+                    sums[k] += float(v) / len(outs)
+            if grad_norm is not None:
+                sums["grad_norm"] += float(grad_norm)
+            interval_loss += loss
+            interval_n += 1
+            window_steps += 1
+            window_wait += wait
+            wait = 0.0
+
+            if step % tc.log_every == 0 or step == tc.steps or step == 1:
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: v / window_steps for k, v in sums.items()}
+                metrics.update(lr=sched.get_last_lr()[0], samples_per_s=samples_per_step * window_steps / elapsed,
+                               data_wait_frac=window_wait / elapsed, epoch=epoch)
+                log.metrics(metrics, step)
+                sums.clear()
+                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+            if log.wants_visuals(step):
+                log.visuals(outs[-1].visuals, step)
+            outs = []
+
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                score = interval_loss / max(1, interval_n)
+                interval_loss, interval_n = 0.0, 0
+                is_best = score < best
+                best = min(best, score)
+                _save_and_report(method, opt, sched, scaler, cfg, step, epoch, consumed, best, score,
+                                 is_best, rank, world, log)
+            if step >= tc.steps:
+                break
+            t_ready = time.perf_counter()
+        if seen == 0:
+            raise RuntimeError(
+                "the training shard yielded no batch: fewer crops than num_workers x batch_size "
+                f"({world} x {tc.batch_size}); prepare more data or lower train.batch_size"
+            )
+        if step < tc.steps:  # epoch exhausted; an unfinished accumulation is dropped
+            opt.zero_grad(set_to_none=True)
+            epoch += 1
+            consumed = 0
+    log.finish(method.encoder.state_dict() if rank == 0 else None)
+
+
+def _gather_rng(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, gathered so a resumed rank r continues its own stream."""
+    state = _rng_state()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [state]
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _save_and_report(method, opt, sched, scaler, cfg: RaymimConfig, step: int, epoch: int, consumed: int,
+                     best: float, score: float, is_best: bool, rank: int, world: int, log) -> None:
+    import ray.train
+
+    rngs = _gather_rng(world)
+    metrics = {"step": step, "epoch": epoch, "loss": score, "best_loss": best}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = {
+        "model": method.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "batches_in_epoch": consumed,
+        "best": best,
+        "rng": rngs,
+        "config_hash": ckpt.model_config_hash(cfg),
+    }
+    meta = {"step": step, "epoch": epoch, "loss": score, "best_loss": best, "is_best": is_best,
+            "method": cfg.method.name, "backbone": cfg.model.backbone,
+            "config_hash": ckpt.model_config_hash(cfg)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.write_checkpoint(tmp, state=state, encoder_state=method.encoder.state_dict(), cfg=cfg, meta=meta)
+        if is_best:
+            log.best(tmp, step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_step{step:08d}")

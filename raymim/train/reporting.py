@@ -1,0 +1,88 @@
+"""Rank-0 reporting for pretraining: MLflow metrics, reconstruction panels, best and final
+encoders, and a console progress line. Every other rank gets an inert logger, so the loop can
+call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raymim.config import RaymimConfig, dump_yaml
+from raymim.train.checkpoint import CONFIG_FILE, ENCODER_FILE
+
+
+class RankZeroLogger:
+    def __init__(self, rank: int, uri: str | None, run_id: str | None, cfg: RaymimConfig,
+                 best_dir: str | None = None) -> None:
+        self.cfg = cfg
+        self.active = rank == 0
+        self.run_id = run_id if self.active else None
+        self.best_dir = best_dir if self.active else None
+        self.client = None
+        if self.run_id and uri:
+            import mlflow
+
+            self.client = mlflow.MlflowClient(uri)
+        self._t0 = time.time()
+
+    def note_start(self) -> None:
+        if self.active:
+            print(f"[raymim] pretraining {self.cfg.method.name} ({self.cfg.model.backbone}) "
+                  f"for {self.cfg.train.steps} steps", flush=True)
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        show = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in
+                        ("loss", "loss_rec", "loss_align", "mask_ratio", "lr", "samples_per_s", "data_wait_frac"))
+        print(f"[raymim] step {step}/{self.cfg.train.steps} {show}", flush=True)
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def wants_visuals(self, step: int) -> bool:
+        every = self.cfg.train.visual_every
+        return self.active and self.client is not None and every > 0 and (
+            step % every == 0 or step == self.cfg.train.steps)
+
+    def visuals(self, visuals: dict[str, torch.Tensor], step: int) -> None:
+        if not visuals:
+            return
+        from raymim.train.panels import render_panel
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"panel_step{step:08d}.png"
+            render_panel(visuals, path, title=f"{self.cfg.method.name} step {step}")
+            self.client.log_artifact(self.run_id, str(path), artifact_path="panels")
+
+    def best(self, checkpoint_dir: str, step: int) -> None:
+        """Keep a copy of the best checkpoint (by interval mean loss) at ``best_dir``."""
+        if not self.best_dir:
+            return
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(self.best_dir) if "://" in self.best_dir else (
+            pafs.LocalFileSystem(), str(Path(self.best_dir).resolve()))
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        fs.create_dir(root)
+        pafs.copy_files(checkpoint_dir, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def finish(self, encoder_state: dict[str, torch.Tensor] | None) -> None:
+        if not self.active or self.client is None or encoder_state is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(encoder_state, Path(tmp) / ENCODER_FILE)
+            (Path(tmp) / CONFIG_FILE).write_text(dump_yaml(self.cfg))
+            self.client.log_artifacts(self.run_id, tmp, artifact_path="encoder")
+        print(f"[raymim] finished in {time.time() - self._t0:.0f}s; encoder logged to runs:/{self.run_id}/encoder",
+              flush=True)

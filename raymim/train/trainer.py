@@ -1,0 +1,154 @@
+"""Driver side of pretraining: build the dataset, the MLflow run and the ``TorchTrainer``, fit.
+
+Resume is by name: Ray Train V2 keeps a checkpoint-manager snapshot under
+``<storage>/<name>/``; fitting again with the same ``RunConfig(name, storage_path)`` hands the
+latest checkpoint to the workers through ``ray.train.get_checkpoint()``. Before that happens the
+driver reads the checkpoints' ``meta.json`` and refuses ones written by another config, and the
+MLflow run with the same name is continued rather than duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raymim.config import RaymimConfig, flatten, to_dict
+from raymim.train.checkpoint import META_FILE, CheckpointMismatchError, model_config_hash
+from raymim.train.tracking import DEFAULT_ROOT, find_run, log_params_flat, resolve_tracking_uri, setup_experiment
+
+# Shard columns a method may use besides the image; only those present are read.
+OPTIONAL_COLUMNS = ("report", "domain", "lesion_prob")
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    checkpoint_path: str | None
+    first_loss: float | None
+    final_loss: float | None
+    steps: int
+
+
+def default_storage() -> str:
+    """``$RAYMIM_STORAGE``, else ``<RAYMIM_HOME or ./runs>/ray`` (absolute: Ray Train needs it)."""
+    env = os.environ.get("RAYMIM_STORAGE")
+    if env:
+        return env
+    return str((DEFAULT_ROOT / "ray").resolve())
+
+
+def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> int:
+    """Refuse to resume from checkpoints written by another config; returns the latest step found."""
+    if "://" in storage:
+        return 0  # remote stores: the workers' read_state() makes the same check
+    run_dir = Path(storage) / name
+    want = model_config_hash(cfg)
+    latest = 0
+    for meta_file in sorted(run_dir.glob(f"checkpoint_*/{META_FILE}")):
+        meta = json.loads(meta_file.read_text())
+        if meta.get("config_hash") != want:
+            raise CheckpointMismatchError(
+                f"run {name!r} at {run_dir} has checkpoints from a different config "
+                f"(hash {meta.get('config_hash')}, this config {want}); pass another --name to start a new run, "
+                "or the original config to resume it."
+            )
+        latest = max(latest, int(meta.get("step", 0)))
+    return latest
+
+
+def build_dataset(data: str, cfg: RaymimConfig):
+    """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans."""
+    path = Path(data)
+    if (path / "manifest.json").is_file():
+        from raymim.data.shards import read_shards
+
+        ds = read_shards(str(path))
+        names = set(ds.schema().names)
+        return ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
+    from raymim.data.pipeline import crop_dataset
+
+    ds = crop_dataset(data, cfg.prepare)
+    return ds
+
+
+def _mlflow_run(cfg: RaymimConfig, name: str, data: str) -> tuple[str, str]:
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    exp_id = setup_experiment(cfg.mlflow.experiment, uri)
+    client = mlflow.MlflowClient(uri)
+    run_id = find_run(exp_id, name, uri)
+    if run_id is None:
+        run = client.create_run(exp_id, run_name=name, tags={
+            "raymim.kind": "pretrain", "raymim.method": cfg.method.name, "raymim.backbone": cfg.model.backbone})
+        run_id = run.info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "raymim.resumed", "true")
+    log_params_flat(client, run_id, {**flatten(cfg), "data": Path(data).name})
+    return uri, run_id
+
+
+def _metric_endpoints(uri: str, run_id: str) -> tuple[float | None, float | None]:
+    import mlflow
+
+    hist = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
+    if not hist:
+        return None, None
+    hist = sorted(hist, key=lambda m: (m.step, m.timestamp))
+    return hist[0].value, hist[-1].value
+
+
+def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str | None = None,
+             extra_callbacks: list[Any] | None = None) -> PretrainResult:
+    """Run (or resume) a pretraining run on a Ray cluster (a local one is started on demand)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymim.train.loop import train_loop_per_worker
+
+    name = name or cfg.name
+    storage = storage or default_storage()
+    latest = check_existing_checkpoints(storage, name, cfg)
+    if latest:
+        print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    uri, run_id = _mlflow_run(cfg, name, data)
+    tc = cfg.train
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
+                           "best_dir": f"{storage.rstrip('/')}/{name}/best"},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=extra_callbacks,
+        ),
+        datasets={"train": build_dataset(data, cfg)},
+    )
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    first, final = _metric_endpoints(uri, run_id)
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    return PretrainResult(name, run_id, uri, ckpt_path, first, final, tc.steps)
