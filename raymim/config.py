@@ -66,6 +66,8 @@ class PrepareConfig:
     crops_per_volume: int = 4
     # "random": crops_per_volume random crops (seeded per case); "grid": a regular grid.
     crop_mode: str = "random"
+    # Grid step in voxels for crop_mode="grid" (None: the crop size, i.e. non-overlapping tiles).
+    crop_stride: list[int] | None = None
     min_foreground: float = 0.05
     # Stored dtype of the image tensor column. float16 keeps ~3 significant digits on [0, 1]
     # (a 2000 HU window -> ~1 HU resolution), half the bytes of float32.
@@ -85,6 +87,9 @@ class PrepareConfig:
             raise ValueError(f"prepare.crop_size should be three sizes >= 8, got {self.crop_size}.")
         _check_positive("prepare.crops_per_volume", self.crops_per_volume)
         _check_choice("prepare.crop_mode", self.crop_mode, ("random", "grid"))
+        stride = self.crop_stride
+        if stride is not None and (len(stride) != 3 or any(int(s) < 1 for s in stride)):
+            raise ValueError(f"prepare.crop_stride should be three positive sizes or null, got {self.crop_stride}.")
         _check_range("prepare.min_foreground", self.min_foreground, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_choice("prepare.dtype", self.dtype, ("float16", "float32", "uint8"))
         _check_positive("prepare.shard_mb", self.shard_mb)

@@ -36,11 +36,8 @@ LABELS: dict[int, str] = {
 }
 LESION = 8
 
-# Organ centres / radii in normalised RAS coordinates ([-1, 1] across the field of view;
-# +x is the patient's right... of the viewer's left: RAS means +x points to patient Left? No:
-# in RAS+ the x axis increases towards the patient's Right is wrong; it increases to the Left->Right
-# of the image, i.e. towards the patient's *left*. We follow nibabel: RAS+ = x grows to the Right
-# hand of the patient is "R". See below: x > 0 is the patient's right.
+# Organ centres / radii in normalised RAS+ coordinates ([-1, 1] across the field of view; as in
+# nibabel, +x points to the patient's Right, +y Anterior, +z Superior), and their HU.
 _ORGANS = {
     2: ((0.35, 0.05, -0.35), (0.38, 0.35, 0.30), 60.0),  # liver
     3: ((0.38, -0.35, -0.60), (0.12, 0.10, 0.18), 35.0),  # kidney_right

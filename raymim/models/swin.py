@@ -66,14 +66,14 @@ class SwinEncoder(SwinTransformer):
             downsample="merging",
             use_v2=False,
         )
-        self.hidden_size = self.num_features  # width of the last stage, F * 8
+        self.hidden_size = feature_size * 16  # width of the last output (after the 4th merging)
 
     def forward_masked(
         self, x: torch.Tensor, mask_vox: torch.Tensor, mask_token: torch.Tensor, normalize: bool = True
     ) -> list[torch.Tensor]:
         """SimMIM forward. x: [N, C, D, H, W]; mask_vox: [N, 1, D/2, H/2, W/2] at the patch-embedding
         grid (1 = removed); mask_token: [F]. Returns the five stage outputs like ``forward``
-        (strides 2, 4, 8, 16, 32; the last is [N, 8F, D/32, H/32, W/32])."""
+        (strides 2, 4, 8, 16, 32; the last is [N, 16F, D/32, H/32, W/32])."""
         x0 = self.patch_embed(x)  # [N, F, D/2, H/2, W/2]
         w = mask_vox.to(x0.dtype)
         x0 = x0 * (1.0 - w) + mask_token.view(1, -1, 1, 1, 1).to(x0.dtype) * w

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raymim.config import RaymimConfig, config_from_dict
@@ -86,14 +85,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                      None if np.isnan(gauss) else gauss))
 
 
-def _fit_to_input(images: torch.Tensor, cfg: RaymimConfig) -> torch.Tensor:
-    """Methods other than MiM take crops at ``model.img_size``; MiM resizes its own levels."""
-    size = (cfg.model.img_size,) * 3
-    if cfg.method.name == "mim" or tuple(images.shape[2:]) == size:
-        return images
-    return F.interpolate(images, size=size, mode="trilinear", align_corners=False)
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -117,6 +108,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("RAYMIM_THREADS", round(tc.cpus_per_worker) or 1))))
     device = ray.train.torch.get_device()
+    import ray
+
+    # One line per rank, so job output shows where the workers ran (multi-node checks read it).
+    print(f"[raymim] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
+          f"device {device}", flush=True)
     precision = resolve_precision(tc.precision, device)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -172,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if aug is None:
                 aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, "lesion_prob" not in batch,
                                     tuple(batch["image"].shape[2:]))
-            batch["image"] = _fit_to_input(augment_batch(batch["image"], aug), cfg)
+            batch["image"] = augment_batch(batch["image"], aug)  # methods resize to their input size
             batch = _to_device(batch, device)
             method.set_progress(step, tc.steps)
             last_micro = len(outs) == tc.accumulation - 1
@@ -200,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums["loss"] += loss
             for o in outs:
                 for k, v in o.metrics.items():
-                    sums[k] += float(v) / len(outs)
+                    if k != "loss":  # the total is accumulated above
+                        sums[k] += float(v) / len(outs)
             if grad_norm is not None:
                 sums["grad_norm"] += float(grad_norm)
             interval_loss += loss

@@ -17,7 +17,13 @@ from typing import Any
 
 from raymim.config import RaymimConfig, flatten, to_dict
 from raymim.train.checkpoint import META_FILE, CheckpointMismatchError, model_config_hash
-from raymim.train.tracking import DEFAULT_ROOT, find_run, log_params_flat, resolve_tracking_uri, setup_experiment
+from raymim.train.tracking import (
+    DEFAULT_ROOT,
+    find_run,
+    log_params_flat,
+    resolve_tracking_uri,
+    setup_experiment,
+)
 
 # Shard columns a method may use besides the image; only those present are read.
 OPTIONAL_COLUMNS = ("report", "domain", "lesion_prob")

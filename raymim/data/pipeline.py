@@ -1,0 +1,191 @@
+"""``raymim prepare`` on Ray Data: discover -> read + preprocess + crop + write (streaming) -> manifest.
+
+Execution: the case list (small: one JSON record per input) becomes a Ray Dataset with one block
+per batch of cases; ``map_batches`` runs :func:`raymim.data.worker.process_batch` as tasks with
+``num_cpus=1``, so every CPU of every node works on a batch and each task holds at most one
+decoded volume plus one shard's worth of crops (``prepare.shard_mb``). Crops never go through
+the object store: each task writes its own shards (temp name, then atomic rename) and returns
+only small status records. Memory therefore stays flat with the number of volumes.
+
+Resume: a case is finished once a committed shard (or crop-less status record) names its
+case id (keyed hash of its content) under the same config hash; a rerun skips it. ``--overwrite``
+deletes previous shards, status records and reports first.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from raymim.config import ConfigError, PrepareConfig, config_hash
+from raymim.data import shards as shard_io
+from raymim.data.worker import case_to_rows, process_batch
+from raymim.io.deid import deid_key
+from raymim.io.discover import discover_cases
+
+__all__ = ["crop_dataset", "discover_cases", "prepare"]
+
+
+def ensure_ray() -> None:
+    """Connect to ``$RAY_ADDRESS`` or start a local Ray instance when none is running."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+
+
+def _context(cfg: PrepareConfig, key: bytes, out: Path | None, keep_paths: bool, done: set[str]) -> dict[str, Any]:
+    return {"cfg": dataclasses.asdict(cfg), "key": key.hex(), "out": str(out) if out else None,
+            "config_hash": _run_hash(cfg, keep_paths), "keep_paths": keep_paths, "done": sorted(done),
+            "shard_bytes": int(cfg.shard_mb) << 20}
+
+
+def _run_hash(cfg: PrepareConfig, keep_paths: bool) -> str:
+    return config_hash({"prepare": dataclasses.asdict(cfg), "keep_paths": keep_paths,
+                        "schema_version": shard_io.SCHEMA_VERSION})
+
+
+def _cases_dataset(cases: list[dict[str, Any]], per_block: int) -> Any:
+    import ray
+
+    items = [{"case": json.dumps(c)} for c in cases]
+    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_block)))
+
+
+def crop_dataset(input: str | os.PathLike, cfg: PrepareConfig) -> Any:
+    """A Ray Dataset of the crop rows ``prepare`` would write (same schema), without writing.
+
+    Case ids use ``$RAYMIM_DEID_KEY`` when set, else a key that lives only as long as the dataset.
+    """
+    ensure_ray()
+    cases = discover_cases(input)
+    ctx = _context(cfg, deid_key(None), None, False, set())
+    n_cpu = _cluster_cpus()
+    return _cases_dataset(cases, max(1, math.ceil(len(cases) / (2 * n_cpu)))).flat_map(
+        case_to_rows, fn_kwargs={"ctx": ctx}, num_cpus=1)
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _reset(out: Path) -> None:
+    for sub in (shard_io.SHARDS_DIR, shard_io.STATUS_DIR):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for name in ("manifest.json", "quarantine.csv"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _batch_size(cfg: PrepareConfig, n_cases: int, n_cpu: int) -> int:
+    """Cases per task: about one shard of crops, but never fewer tasks than CPUs."""
+    per_case = cfg.crops_per_volume * math.prod(int(s) for s in cfg.crop_size) * 1.5 * (
+        1 if cfg.dtype == "uint8" else (2 if cfg.dtype == "float16" else 4))
+    per_shard = max(1, int((int(cfg.shard_mb) << 20) // per_case))
+    return max(1, min(per_shard, math.ceil(n_cases / n_cpu)))
+
+
+def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareConfig, *,
+            overwrite: bool = False, keep_paths: bool = False, max_rejected: float | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Prepare ``input`` into Parquet shards under ``out_dir``; returns the run summary.
+
+    The summary's ``exit_code`` is 0 when every case is written, 3 when some were quarantined,
+    1 when the rejected fraction exceeds ``max_rejected`` (default ``cfg.max_rejected``).
+    Raises :class:`raymim.config.ConfigError` for unusable inputs or a config that differs from
+    the one ``out_dir`` was prepared with (use ``overwrite=True``).
+    """
+    import ray
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    try:
+        cases = discover_cases(input)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _reset(out)
+    run_hash = _run_hash(cfg, keep_paths)
+    previous = shard_io.load_commits(out)
+    other = {r["config_hash"] for r in previous} - {run_hash}
+    if other:
+        raise ConfigError(f"{out} holds shards prepared with config hash {sorted(other)}, this run has "
+                          f"{run_hash}; pass --overwrite or choose another --out.")
+    done = {c["case_id"] for r in previous for c in r["cases"]}
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    ctx = _context(cfg, deid_key(out), out, keep_paths, done)
+    n_cpu = _cluster_cpus()
+    per_task = _batch_size(cfg, len(cases), n_cpu)
+    ds = _cases_dataset(cases, per_task).map_batches(
+        process_batch, batch_size=per_task, fn_kwargs={"ctx": ctx}, num_cpus=1, max_retries=2)
+    statuses = [json.loads(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
+    return _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start)
+
+
+def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses: list[dict[str, Any]],
+            run_hash: str, keep_paths: bool, max_rejected: float | None, start: float) -> dict[str, Any]:
+    """Write manifest.json and quarantine.csv from the committed records; build the summary."""
+    commits = shard_io.load_commits(out)
+    by_id: dict[str, dict[str, Any]] = {}
+    for rec in commits:
+        for c in rec["cases"]:
+            by_id[c["case_id"]] = dict(c, shard=rec["shard"])
+    index_of = {s["case_id"]: s["index"] for s in statuses}
+    per_case = sorted(by_id.values(), key=lambda c: index_of.get(c["case_id"], 1 << 30))
+    ok = [c for c in per_case if c["status"] == "ok"]
+    rejected = [c for c in per_case if c["status"] != "ok"]
+    this_run = [s for s in statuses if s["status"] != "skipped"]
+    seconds = time.perf_counter() - start
+    in_bytes = sum(s.get("input_bytes", 0) for s in this_run)
+    shard_bytes = sum(r["bytes"] for r in commits if r["shard"])
+    counts = {"cases": len(per_case), "ok": len(ok), "rejected": len(rejected),
+              "skipped": len(statuses) - len(this_run), "crops": sum(c["crops"] for c in ok),
+              "shards": sum(1 for r in commits if r["shard"]), "bytes": shard_bytes}
+    fraction = len(rejected) / max(1, len(per_case))
+    limit = cfg.max_rejected if max_rejected is None else max_rejected
+    manifest = {"schema_version": shard_io.SCHEMA_VERSION, "config": dataclasses.asdict(cfg),
+                "config_hash": run_hash, "keep_paths": keep_paths, "counts": counts,
+                "cases": [{k: v for k, v in c.items() if k != "input_bytes"} for c in per_case]}
+    _atomic_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case_id", "input", "reason"])
+    for c in rejected:
+        ref = c.get("source") if keep_paths else f"#{index_of[c['case_id']]}" if c["case_id"] in index_of else ""
+        writer.writerow([c["case_id"], ref, c["reason"]])
+    _atomic_text(out / "quarantine.csv", buf.getvalue())
+    for s in this_run:  # name rejected inputs on the console only (never in output files)
+        if s["status"] == "rejected":
+            print(f"quarantined #{s['index']} {cases[s['index']]['rel']}: {s['reason']}", file=sys.stderr)
+    code = 1 if fraction > limit else (3 if rejected else 0)
+    return dict(counts, seconds=round(seconds, 3), input_bytes=in_bytes,
+                volumes_per_s=round(len(this_run) / seconds, 3) if seconds else 0.0,
+                mb_per_s=round(in_bytes / 1e6 / seconds, 3) if seconds else 0.0,
+                rejected_fraction=round(fraction, 4), exit_code=code, out=str(out))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable one-block summary for the CLI."""
+    return (f"cases: {summary['cases']} ok {summary['ok']} rejected {summary['rejected']} "
+            f"(skipped as already done: {summary['skipped']})\n"
+            f"crops: {summary['crops']} in {summary['shards']} shards, {summary['bytes'] / 1e6:.1f} MB\n"
+            f"throughput: {summary['volumes_per_s']:.2f} volumes/s, {summary['mb_per_s']:.1f} MB/s of input "
+            f"({summary['seconds']:.1f} s)")

@@ -1,0 +1,128 @@
+"""MONAI dictionary preprocessing shared by ``raymim prepare`` and downstream fine-tuning.
+
+:func:`build_preprocess` returns a ``Compose`` over ``"image"`` (and ``"label"``):
+
+1. ``LoadImaged`` through :class:`raymim.io.readers.VolumeReader` (NIfTI / NRRD / DICOM series,
+   with validation), channel first;
+2. ``Orientationd`` to ``cfg.orientation`` (RAS default), then a label/image grid check (same
+   voxel grid, else the case is rejected: no silent misalignment); 3. ``Spacingd`` to ``cfg.spacing`` when
+   set (bilinear for images, nearest for labels);
+4. :class:`WindowIntensityd`: CT -> clip to ``cfg.ct_window`` HU and scale to [0, 1]; MR ->
+   clip at ``cfg.mr_percentiles`` and scale to [0, 1]; ``auto`` picks CT when the image holds
+   values below -500 (air in HU);
+5. ``CropForegroundd`` (voxels above :data:`FOREGROUND` after scaling) and ``SpatialPadd`` to at
+   least ``cfg.crop_size`` (pad value 0 = air / background).
+
+Image and label go through the same spatial transforms, so they stay aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from raymim.config import PrepareConfig
+from raymim.io.readers import CaseRejected, VolumeReader
+
+# Scaled intensity above which a voxel counts as foreground (body, not air): -900 HU with the
+# default CT window, the lowest 5 % of the range for MR.
+FOREGROUND = 0.05
+
+
+def is_foreground(x: Any) -> Any:
+    """Foreground mask used for cropping and for the per-crop foreground fraction."""
+    return x > FOREGROUND
+
+
+class WindowIntensityd(MapTransform):
+    """Window and scale intensities to [0, 1] by modality; records the choice in ``data["modality"]``."""
+
+    def __init__(self, keys: str, modality: str, ct_window: list[float], mr_percentiles: list[float]) -> None:
+        super().__init__(keys)
+        self.modality = modality
+        self.ct = ScaleIntensityRanged(keys, a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0,
+                                       clip=True)
+        self.mr = _mr_scaler(keys, mr_percentiles)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        modality = self.modality
+        if modality == "auto":
+            modality = "ct" if float(d[self.keys[0]].min()) < -500.0 else "mr"
+        d["modality"] = modality
+        return self.ct(d) if modality == "ct" else self.mr(d)
+
+
+def _mr_scaler(keys: str, percentiles: list[float]) -> ScaleIntensityRangePercentilesd:
+    """MONAI's percentile scaling to [0, 1] with clipping (MR has no absolute unit)."""
+    return ScaleIntensityRangePercentilesd(keys, lower=percentiles[0], upper=percentiles[1], b_min=0.0,
+                                           b_max=1.0, clip=True, relative=False)
+
+
+class CheckGridd(MapTransform):
+    """Reject a case whose label is not on the image's voxel grid (shape and affine, after
+    reorientation: a label stored with flipped axes but covering the same grid is fine)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if "label" not in d:
+            return d
+        img, lab = d["image"], d["label"]
+        if tuple(img.shape[1:]) != tuple(lab.shape[1:]):
+            raise CaseRejected(f"label grid {tuple(lab.shape[1:])} differs from image grid {tuple(img.shape[1:])}")
+        a, b = np.asarray(img.affine), np.asarray(lab.affine)
+        tol = 0.5 * float(np.linalg.norm(a[:3, :3], axis=0).min())  # half a voxel
+        if not np.allclose(a[:3], b[:3], atol=tol):
+            raise CaseRejected("label does not cover the image's voxel grid (affines differ)")
+        if float(lab.max()) > 255 or float(lab.min()) < 0:
+            raise CaseRejected("label values outside 0..255")
+        d["label"] = lab.round()
+        return d
+
+
+def build_preprocess(cfg: PrepareConfig, with_label: bool) -> Compose:
+    """MONAI ``Compose`` of dictionary transforms: load, orient, resample, window, crop, pad.
+
+    Example::
+
+        pre = build_preprocess(PrepareConfig(spacing=[2, 2, 2]), with_label=True)
+        out = pre({"image": "ct.nii.gz", "label": "seg.nii.gz"})  # MetaTensors [1, X, Y, Z]
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    steps: list[Any] = [LoadImaged("image", reader=VolumeReader(), image_only=True)]
+    if with_label:
+        steps.append(LoadImaged("label", reader=VolumeReader(validate=False), image_only=True))
+    steps += [
+        EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        Orientationd(keys, axcodes=cfg.orientation),
+        CheckGridd(keys),
+    ]
+    if cfg.spacing is not None:
+        modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+        steps.append(Spacingd(keys, pixdim=tuple(cfg.spacing), mode=modes))
+    steps.append(WindowIntensityd("image", cfg.modality, cfg.ct_window, cfg.mr_percentiles))
+    if cfg.crop_foreground:
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=is_foreground, allow_smaller=True))
+    steps.append(SpatialPadd(keys, spatial_size=tuple(int(s) for s in cfg.crop_size), mode="constant"))
+    return Compose(steps, log_stats=False)
+
+
+def voxel_spacing(img: torch.Tensor) -> list[float]:
+    """Spacing (mm) of a MetaTensor's current affine, in array axis order."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]

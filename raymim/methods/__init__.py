@@ -1,0 +1,28 @@
+"""Pretraining methods behind one interface: ``build_method(name, config)``.
+
+Each method is a :class:`PretrainMethod` (``nn.Module``) with an ``encoder`` and a
+``forward(batch) -> MethodOutput(loss, metrics, visuals)``; modules register themselves with
+``@register_method(name)`` when imported here.
+
+Example::
+
+    >>> list_methods()  # ['mae', 'mim', 'simmim']
+    >>> method = build_method("mim", config)
+"""
+
+from raymim.methods import mae, mim, simmim  # noqa: F401  (registers the methods)
+from raymim.methods.base import MethodOutput, PretrainMethod, build_method, list_methods, register_method
+from raymim.methods.mae import MAE
+from raymim.methods.mim import MiM
+from raymim.methods.simmim import SimMIM
+
+__all__ = [
+    "MAE",
+    "MethodOutput",
+    "MiM",
+    "PretrainMethod",
+    "SimMIM",
+    "build_method",
+    "list_methods",
+    "register_method",
+]

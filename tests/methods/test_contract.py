@@ -1,0 +1,69 @@
+"""The contract every registered method passes (later methods add a case to ``CASES``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raymim.methods import MethodOutput, PretrainMethod, build_method, list_methods
+
+from .conftest import CASES, tiny_config
+
+# Metric that must fall 10x when overfitting one volume. MiM's total also holds alpha * L_C, an
+# InfoNCE over parent tokens whose floor (neighbouring tokens of the same cube are near-duplicates)
+# is far from 0, so the order-of-magnitude check applies to its reconstruction term L_R.
+OVERFIT_METRIC = {"mim": "loss_rec"}
+
+
+def test_every_registered_method_has_a_case():
+    assert {"mae", "simmim", "mim"} <= set(list_methods())
+    assert set(list_methods()) <= {name for name, _ in CASES}
+
+
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_contract(name: str, backbone: str, volume: torch.Tensor):
+    batch = {"image": volume.repeat(2, 1, 1, 1, 1)}
+    torch.manual_seed(0)
+    method = build_method(name, tiny_config(name, backbone))
+    assert isinstance(method, PretrainMethod) and isinstance(method.encoder, torch.nn.Module)
+    method.set_progress(3, 10)
+    out = method(batch)
+    assert isinstance(out, MethodOutput)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.metrics.values())
+    assert {"loss", "mask_ratio"} <= set(out.metrics)
+    assert {"input", "masked", "recon"} <= set(out.visuals)
+    assert all(v.shape == (1, 32, 32, 32) and not v.requires_grad for v in out.visuals.values())
+    out.loss.backward()
+    grads = [p.grad for p in method.encoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the encoder"
+    # Deterministic under a seed: same weights, same masks, same loss.
+    torch.manual_seed(1)
+    first = method(batch).loss.item()
+    torch.manual_seed(1)
+    assert method(batch).loss.item() == first
+
+
+@pytest.mark.parametrize(
+    "name,backbone",
+    [pytest.param(*c, marks=pytest.mark.slow) if c[1] == "swin" else c for c in CASES],
+)
+def test_overfits_one_phantom(name: str, backbone: str, volume: torch.Tensor):
+    torch.manual_seed(0)
+    method = build_method(name, tiny_config(name, backbone))
+    opt = torch.optim.AdamW(method.parameters(), lr=3e-3, weight_decay=0.0)
+    key = OVERFIT_METRIC.get(name, "loss")
+    history: list[float] = []
+    totals: list[float] = []
+    for _ in range(250):
+        out = method({"image": volume})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        history.append(out.metrics[key])
+        totals.append(out.loss.item())
+    start, end = sum(history[:5]) / 5, sum(history[-10:]) / 10
+    assert end < start / 10, f"{key}: {start:.4f} -> {end:.4f}"
+    assert sum(totals[-10:]) < sum(totals[:5]) * 2  # the total loss falls too

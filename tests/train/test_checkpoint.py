@@ -1,0 +1,53 @@
+"""Checkpoint files are weights_only-safe, and a checkpoint from another config is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymim.config import load_config
+from raymim.train.checkpoint import (
+    CheckpointMismatchError,
+    load_pretrained,
+    model_config_hash,
+    read_state,
+    write_checkpoint,
+)
+from raymim.train.trainer import check_existing_checkpoints
+
+
+def _write(path, cfg, step=3):
+    state = {"model": {"w": torch.ones(2)}, "step": step, "config_hash": model_config_hash(cfg)}
+    meta = {"step": step, "config_hash": model_config_hash(cfg)}
+    return write_checkpoint(path, state=state, encoder_state={"blocks.0.w": torch.zeros(3)}, cfg=cfg, meta=meta)
+
+
+def test_roundtrip_weights_only(tmp_path):
+    cfg = load_config(None, ["method.name=mim"])
+    d = _write(tmp_path / "ck", cfg)
+    for f in ("state.pt", "encoder.pt"):
+        torch.load(d / f, weights_only=True)
+    assert read_state(d, cfg)["step"] == 3
+    enc, cfg2 = load_pretrained(d)
+    assert list(enc) == ["blocks.0.w"] and cfg2 == cfg
+    enc, _ = load_pretrained(d / "encoder.pt")
+    assert torch.equal(enc["blocks.0.w"], torch.zeros(3))
+
+
+def test_mismatched_config_refused(tmp_path):
+    cfg = load_config(None, ["method.mask_ratio=0.6"])
+    _write(tmp_path / "run1" / "checkpoint_step00000003", cfg)
+    assert check_existing_checkpoints(str(tmp_path), "run1", cfg) == 3
+    # Worker count and logging cadence may change on resume; the model and optimisation may not.
+    assert check_existing_checkpoints(str(tmp_path), "run1", load_config(None, [
+        "method.mask_ratio=0.6", "train.num_workers=4", "train.log_every=1"])) == 3
+    other = load_config(None, ["method.mask_ratio=0.75"])
+    with pytest.raises(CheckpointMismatchError, match="different config"):
+        check_existing_checkpoints(str(tmp_path), "run1", other)
+    with pytest.raises(CheckpointMismatchError):
+        read_state(tmp_path / "run1" / "checkpoint_step00000003", other)
+
+
+def test_missing_pretrained_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained(tmp_path / "nope")

@@ -1,0 +1,50 @@
+"""Optimiser pieces: LR scaling rule, warm-up + cosine, precision choice, param groups."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raymim.config import TrainConfig
+from raymim.train.schedule import (
+    build_optimizer,
+    effective_batch,
+    param_groups,
+    resolve_precision,
+    scaled_lr,
+    warmup_cosine,
+)
+
+
+def test_linear_scaling_rule():
+    cfg = TrainConfig(lr=1e-4, batch_size=4, accumulation=8, scale_lr=True)
+    assert effective_batch(cfg, 8) == 256
+    assert math.isclose(scaled_lr(cfg, 8), 1e-4)
+    assert math.isclose(scaled_lr(cfg, 2), 1e-4 * 64 / 256)
+    assert scaled_lr(TrainConfig(lr=1e-3, scale_lr=False), 8) == 1e-3
+
+
+def test_warmup_then_cosine_to_zero():
+    fn = warmup_cosine(warmup_steps=10, total_steps=110)
+    assert math.isclose(fn(0), 0.1) and math.isclose(fn(9), 1.0)
+    assert math.isclose(fn(10), 1.0)
+    assert math.isclose(fn(60), 0.5, abs_tol=1e-9)
+    assert fn(110) < 1e-9
+    values = [fn(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_precision_on_cpu_is_fp32_unless_asked():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.05)
+    assert len(decay["params"]) == 1 and decay["weight_decay"] == 0.05
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, scale_lr=False), 1)
+    assert opt.param_groups[0]["lr"] == 1e-3
