@@ -309,6 +309,51 @@ class FinetuneConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A Ray Tune sweep (``raymim tune``): search space over any config field, search algorithm,
+    ASHA early stopping on the pretraining loss, and the downstream objective.
+
+    ``space`` maps a dotted config key to one spec: ``{grid: [...]}``, ``{choice: [...]}``,
+    ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}``.
+    """
+
+    space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1
+    # "random" / "grid": Tune's variant generator (grid entries enumerated, the rest sampled);
+    # "optuna": TPE via Optuna (needs `pip install optuna`).
+    algorithm: str = "random"
+    scheduler: str = "asha"  # "asha" (on the pretraining loss, by step) or "none"
+    grace_period: int = 4  # steps before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int = 2
+    trial_cpus: float = 1.0  # the trial's own process (driver of its Train run + quick fine-tune)
+    # Objective: quick downstream fine-tune Dice on `labelled` (a fixed validation split).
+    labelled: str | None = None
+    finetune_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        kinds = ("grid", "choice", "uniform", "loguniform", "randint")
+        for key, spec in self.space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:
+                raise ValueError(f"tune.space.{key} should be one of {{{', '.join(kinds)}: ...}}, got {spec!r}.")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"tune.space.{key}.{kind} should be a non-empty list, got {values!r}.")
+            if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+                raise ValueError(f"tune.space.{key}.{kind} should be [low, high], got {values!r}.")
+        _check_positive("tune.num_samples", self.num_samples)
+        _check_choice("tune.algorithm", self.algorithm, ("random", "grid", "optuna"))
+        _check_choice("tune.scheduler", self.scheduler, ("asha", "none"))
+        _check_positive("tune.grace_period", self.grace_period)
+        if self.reduction_factor < 2:
+            raise ValueError(f"tune.reduction_factor should be >= 2, got {self.reduction_factor}.")
+        _check_positive("tune.max_concurrent", self.max_concurrent)
+        _check_positive("tune.trial_cpus", self.trial_cpus)
+        _check_positive("tune.finetune_steps", self.finetune_steps)
+
+
+@dataclass
 class RaymimConfig:
     """The whole configuration tree; each command reads the sections it needs."""
 
@@ -318,6 +363,7 @@ class RaymimConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 

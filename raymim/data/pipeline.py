@@ -129,7 +129,7 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     n_cpu = _cluster_cpus()
     per_task = _batch_size(cfg, len(cases), n_cpu)
     ds = _cases_dataset(cases, per_task).map_batches(
-        process_batch, batch_size=per_task, fn_kwargs={"ctx": ctx}, num_cpus=1, max_retries=2)
+        process_batch, batch_size=per_task, fn_kwargs={"ctx": ctx}, num_cpus=1)
     statuses = [json.loads(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
     return _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start)
 

@@ -179,7 +179,7 @@ def read_shards(path: str | os.PathLike, columns: list[str] | None = None, shuff
 
     Example::
 
-        ds = read_shards("prepared/", columns=["image", "domain"], shuffle=True, seed=0)
+        ds = read_shards("prepared/", columns=["image"], shuffle=True, seed=0)  # numeric columns only
         for batch in ds.iter_torch_batches(batch_size=2):
             batch["image"].shape  # [2, 96, 96, 96]
     """
@@ -189,4 +189,5 @@ def read_shards(path: str | os.PathLike, columns: list[str] | None = None, shuff
     shuffle_arg = None
     if shuffle:
         shuffle_arg = FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else "files"
-    return ray.data.read_parquet(shard_files(path), columns=columns, shuffle=shuffle_arg)
+    ds = ray.data.read_parquet(shard_files(path), shuffle=shuffle_arg)
+    return ds.select_columns(columns) if columns else ds

@@ -2,7 +2,7 @@
 
 :func:`build_preprocess` returns a ``Compose`` over ``"image"`` (and ``"label"``):
 
-1. ``LoadImaged`` through :class:`raymim.io.readers.VolumeReader` (NIfTI / NRRD / DICOM series,
+1. ``LoadImage`` through :class:`raymim.io.readers.VolumeReader` (NIfTI / NRRD / DICOM series,
    with validation), channel first;
 2. ``Orientationd`` to ``cfg.orientation`` (RAS default), then a label/image grid check (same
    voxel grid, else the case is rejected: no silent misalignment); 3. ``Spacingd`` to ``cfg.spacing`` when
@@ -27,7 +27,7 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
-    LoadImaged,
+    LoadImage,
     MapTransform,
     Orientationd,
     ScaleIntensityRanged,
@@ -74,6 +74,22 @@ def _mr_scaler(keys: str, percentiles: list[float]) -> ScaleIntensityRangePercen
                                            b_max=1.0, clip=True, relative=False)
 
 
+class LoadVolumed(MapTransform):
+    """``LoadImage`` with :class:`VolumeReader` only (``LoadImaged(reader=...)`` would fall back
+    to MONAI's default readers when ours rejects a file, hiding the reason)."""
+
+    def __init__(self, keys: str, validate: bool = True) -> None:
+        super().__init__(keys)
+        self.reader = VolumeReader(validate=validate)
+        self.loader = LoadImage(image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key], reader=self.reader)
+        return d
+
+
 class CheckGridd(MapTransform):
     """Reject a case whose label is not on the image's voxel grid (shape and affine, after
     reorientation: a label stored with flipped axes but covering the same grid is fine)."""
@@ -104,12 +120,12 @@ def build_preprocess(cfg: PrepareConfig, with_label: bool) -> Compose:
         out = pre({"image": "ct.nii.gz", "label": "seg.nii.gz"})  # MetaTensors [1, X, Y, Z]
     """
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [LoadImaged("image", reader=VolumeReader(), image_only=True)]
+    steps: list[Any] = [LoadVolumed("image", validate=True)]
     if with_label:
-        steps.append(LoadImaged("label", reader=VolumeReader(validate=False), image_only=True))
+        steps.append(LoadVolumed("label", validate=False))
     steps += [
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
-        Orientationd(keys, axcodes=cfg.orientation),
+        Orientationd(keys, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         CheckGridd(keys),
     ]
     if cfg.spacing is not None:

@@ -1,8 +1,9 @@
 """Segmentation networks around a pretrained encoder, and encoder weight loading.
 
-- ``vit``: MONAI ``UNETR``. MONAI hard-codes 12 transformer layers; :class:`ViTUNETR` is the
-  same class with the encoder depth taken from the config and the three skip connections taken
-  at 1/4, 1/2 and 3/4 of the depth (3, 6, 9 for 12 layers: identical to MONAI's UNETR, so a
+- ``vit``: MONAI ``UNETR``. MONAI hard-codes 12 transformer layers and patch 16;
+  :class:`ViTUNETR` is the same class with the encoder depth taken from the config, the three
+  skip connections taken at 1/4, 1/2 and 3/4 of the depth, and patch 8 supported (one
+  upsampling fewer per skip path) (3, 6, 9 for 12 layers: identical to MONAI's UNETR, so a
   12-layer network's state dict loads into ``monai.networks.nets.UNETR`` unchanged).
 - ``swin``: MONAI ``SwinUNETR``; its ``swinViT`` is the encoder.
 - ``convvit``: a UNETR-style decoder on raymim's hybrid ConvViT encoder (needs
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from monai.networks.nets import UNETR, ViT, SwinUNETR
 from torch import nn
 
@@ -31,7 +33,7 @@ from raymim.export.converters import (
     vit_num_layers,
 )
 
-ENCODER_PREFIX = {"vit": "vit.", "swin": "swinViT.", "convvit": "encoder."}
+ENCODER_PREFIX = {"vit": "vit.", "swin": "swinViT.", "convvit": "vit."}
 
 
 class ViTUNETR(UNETR):
@@ -39,15 +41,31 @@ class ViTUNETR(UNETR):
 
     def __init__(self, in_channels: int, out_channels: int, img_size: Sequence[int], *, num_layers: int = 12,
                  feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072, num_heads: int = 12,
-                 norm_name: str = "instance", dropout_rate: float = 0.0, qkv_bias: bool = False) -> None:
+                 norm_name: str = "instance", dropout_rate: float = 0.0, qkv_bias: bool = False,
+                 patch_size: int = 16) -> None:
         super().__init__(in_channels, out_channels, img_size, feature_size=feature_size, hidden_size=hidden_size,
                          mlp_dim=mlp_dim, num_heads=num_heads, norm_name=norm_name, dropout_rate=dropout_rate,
                          qkv_bias=qkv_bias)
-        if num_layers != self.num_layers:
+        if patch_size not in (8, 16):
+            raise ValueError(f"ViTUNETR supports patch sizes 8 and 16, got patch_size={patch_size}.")
+        if num_layers != self.num_layers or patch_size != 16:
             self.num_layers = num_layers
+            self.patch_size = (patch_size,) * 3
+            self.feat_size = tuple(int(i) // patch_size for i in img_size)
+            self.proj_view_shape = list(self.feat_size) + [hidden_size]
             self.vit = ViT(in_channels=in_channels, img_size=img_size, patch_size=self.patch_size,
                            hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads,
                            proj_type="conv", classification=False, dropout_rate=dropout_rate, qkv_bias=qkv_bias)
+        if patch_size == 8:
+            # Tokens at 1/8: one upsampling fewer on every skip path, none for the deepest one.
+            kw = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=True)
+            self.encoder2 = UnetrPrUpBlock(in_channels=hidden_size, out_channels=feature_size * 2, num_layer=1,
+                                           stride=1, upsample_kernel_size=2, conv_block=True, **kw)
+            self.encoder3 = UnetrPrUpBlock(in_channels=hidden_size, out_channels=feature_size * 4, num_layer=0,
+                                           stride=1, upsample_kernel_size=2, conv_block=True, **kw)
+            self.encoder4 = UnetrBasicBlock(in_channels=hidden_size, out_channels=feature_size * 8, stride=1, **kw)
+            self.decoder5 = UnetrUpBlock(in_channels=hidden_size, out_channels=feature_size * 8,
+                                         upsample_kernel_size=1, **kw)
         self.skips = (num_layers // 4, num_layers // 2, (3 * num_layers) // 4)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
@@ -76,8 +94,6 @@ def build_segmentation_network(
     roi = tuple(int(s) for s in roi_size)
     backbone = model_cfg.backbone
     if backbone == "vit":
-        if model_cfg.patch_size != 16:
-            raise ValueError(f"UNETR's decoder assumes patch size 16, got model.patch_size={model_cfg.patch_size}.")
         layers, qkv_bias = model_cfg.num_layers, False
         if encoder_state is not None:
             sd, _ = adapt_vit_state(encoder_state)
@@ -85,7 +101,8 @@ def build_segmentation_network(
             qkv_bias = "blocks.0.attn.qkv.bias" in sd
         net = ViTUNETR(model_cfg.in_channels, num_classes, roi, num_layers=layers, feature_size=feature_size,
                        hidden_size=model_cfg.hidden_size, mlp_dim=model_cfg.mlp_dim, num_heads=model_cfg.num_heads,
-                       norm_name=norm_name, dropout_rate=model_cfg.dropout, qkv_bias=qkv_bias)
+                       norm_name=norm_name, dropout_rate=model_cfg.dropout, qkv_bias=qkv_bias,
+                       patch_size=model_cfg.patch_size)
         return net, ENCODER_PREFIX["vit"]
     if backbone == "swin":
         if encoder_state is not None:
@@ -103,20 +120,28 @@ def build_segmentation_network(
 
 def _build_convvit_unetr(model_cfg: ModelConfig, num_classes: int, roi: tuple[int, ...], feature_size: int,
                          norm_name: str) -> nn.Module:
-    try:
-        from raymim.models import build_encoder  # type: ignore[attr-defined]
-    except ImportError as exc:  # the methods core has not shipped the hybrid encoder yet
-        raise NotImplementedError("the convvit backbone needs raymim.models.build_encoder") from exc
-    from raymim.downstream.convvit_unetr import ConvViTUNETR
+    """UNETR decoder on the hybrid ConvViT encoder: its ``forward`` returns ``(tokens, hidden)``
+    like MONAI's ViT, so it takes the place of ``UNETR.vit`` (skips from 1/4, 1/2, 3/4 depth)."""
+    import dataclasses
 
-    return ConvViTUNETR(build_encoder(model_cfg), num_classes, roi, feature_size=feature_size, norm_name=norm_name)
+    from raymim.models import build_encoder
+
+    if len(set(roi)) != 1:
+        raise ValueError(f"the convvit encoder takes cubic inputs, got roi_size={roi}.")
+    net = ViTUNETR(model_cfg.in_channels, num_classes, roi, num_layers=1, feature_size=feature_size,
+                   hidden_size=model_cfg.hidden_size, mlp_dim=model_cfg.mlp_dim, num_heads=model_cfg.num_heads,
+                   norm_name=norm_name, dropout_rate=model_cfg.dropout, patch_size=model_cfg.patch_size)
+    net.vit = build_encoder(dataclasses.replace(model_cfg, img_size=int(roi[0])))
+    layers = model_cfg.num_layers
+    net.num_layers, net.skips = layers, (layers // 4, layers // 2, (3 * layers) // 4)
+    return net
 
 
 def encoder_of(net: nn.Module, prefix: str) -> nn.Module:
     return getattr(net, prefix.rstrip("."))
 
 
-def load_encoder(net: nn.Module, encoder_state: Mapping[str, torch.Tensor], backbone: str,
+def load_encoder(net: nn.Module, encoder_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
                  roi_size: Sequence[int]) -> dict[str, object]:
     """Load pretrained encoder weights into ``net``; raise if any encoder key is missing.
 
@@ -124,13 +149,13 @@ def load_encoder(net: nn.Module, encoder_state: Mapping[str, torch.Tensor], back
     "filled": [...], "interpolated": [...]}`` (the decoder keys are the expected ``missing_other``).
     """
     notes: dict[str, list[str]] = {"filled": [], "interpolated": []}
-    if backbone == "vit":
-        sd, notes = adapt_vit_state(encoder_state, img_size=tuple(roi_size))
+    backbone = model_cfg.backbone
+    if backbone in ("vit", "convvit"):
+        # ConvViT's token embedding runs after the conv stages: pass the overall patch size.
+        sd, notes = adapt_vit_state(encoder_state, img_size=tuple(roi_size), patch_size=model_cfg.patch_size)
         sd = {f"vit.{k}": v for k, v in sd.items()}
-    elif backbone == "swin":
-        sd = to_swinunetr_state_dict(encoder_state)
     else:
-        sd = {f"encoder.{k}": v for k, v in encoder_state.items()}
+        sd = to_swinunetr_state_dict(encoder_state)
     prefix = ENCODER_PREFIX[backbone]
     target = net.state_dict()
     # Keys the encoder has but the network does not (e.g. MAE's mask token) are reported, not loaded.

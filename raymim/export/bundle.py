@@ -102,7 +102,7 @@ def write_monai_bundle(
     if network_state is not None:
         net.load_state_dict(dict(network_state), strict=True)
     else:
-        load_encoder(net, encoder_state, cfg.model.backbone, roi)
+        load_encoder(net, encoder_state, cfg.model, roi)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "docs").mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Volume readers: NIfTI, NRRD and DICOM series behind one MONAI ``ImageReader``.
 
-:class:`VolumeReader` plugs into ``monai.transforms.LoadImaged(reader=VolumeReader())``. It checks
+:class:`VolumeReader` plugs into ``monai.transforms.LoadImage()(path, reader=VolumeReader())``. It checks
 every input *before* decoding it (size, magic bytes, header dimensions and spacings) so that a
 corrupt or absurd file is rejected cheaply with a clear :class:`CaseRejected` reason instead of
 an out-of-memory or a cryptic traceback, then delegates decoding to MONAI's ``NibabelReader`` /
@@ -16,6 +16,7 @@ Reasons never quote header values (no identifiers leak into quarantine reports).
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,7 +154,7 @@ class VolumeReader(ImageReader):
 
     Example::
 
-        LoadImaged(keys=["image", "label"], reader=VolumeReader())
+        LoadImage(image_only=True)("ct.nii.gz", reader=VolumeReader())
     """
 
     def __init__(self, validate: bool = True) -> None:
@@ -184,12 +185,15 @@ class VolumeReader(ImageReader):
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         fmt, obj = img
-        if fmt == "nifti":
-            data, meta = self._nib.get_data(obj)
-        elif fmt == "nrrd":
-            data, meta = self._nrrd.get_data(obj)
-        else:
-            data, meta = obj
+        try:
+            if fmt == "nifti":
+                data, meta = self._nib.get_data(obj)
+            elif fmt == "nrrd":
+                data, meta = self._nrrd.get_data(obj)
+            else:
+                data, meta = obj
+        except (EOFError, OSError, ValueError, zlib.error) as exc:
+            raise CaseRejected(f"truncated or corrupt image data ({type(exc).__name__})") from None
         data = np.asarray(data)
         if data.ndim == 4 and data.shape[-1] == 1:
             data = data[..., 0]

@@ -82,16 +82,18 @@ def build_dataset(data: str, cfg: RaymimConfig):
     return ds
 
 
-def _mlflow_run(cfg: RaymimConfig, name: str, data: str) -> tuple[str, str]:
+def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | None = None) -> tuple[str, str]:
     import mlflow
 
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     exp_id = setup_experiment(cfg.mlflow.experiment, uri)
     client = mlflow.MlflowClient(uri)
-    run_id = find_run(exp_id, name, uri)
+    run_id = find_run(exp_id, name, uri, parent_run_id)
     if run_id is None:
-        run = client.create_run(exp_id, run_name=name, tags={
-            "raymim.kind": "pretrain", "raymim.method": cfg.method.name, "raymim.backbone": cfg.model.backbone})
+        tags = {"raymim.kind": "pretrain", "raymim.method": cfg.method.name, "raymim.backbone": cfg.model.backbone}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=name, tags=tags)
         run_id = run.info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
@@ -111,8 +113,12 @@ def _metric_endpoints(uri: str, run_id: str) -> tuple[float | None, float | None
 
 
 def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str | None = None,
-             extra_callbacks: list[Any] | None = None) -> PretrainResult:
-    """Run (or resume) a pretraining run on a Ray cluster (a local one is started on demand)."""
+             extra_callbacks: list[Any] | None = None, parent_run_id: str | None = None) -> PretrainResult:
+    """Run (or resume) a pretraining run on a Ray cluster (a local one is started on demand).
+
+    ``extra_callbacks``: Ray Train callbacks (Tune passes ``TuneReportCallback``);
+    ``parent_run_id``: nest the MLflow run under this one (a sweep's parent run).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -126,7 +132,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    uri, run_id = _mlflow_run(cfg, name, data)
+    uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:

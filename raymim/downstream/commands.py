@@ -1,0 +1,52 @@
+"""``raymim finetune --pretrained CKPT_OR_MLFLOW_RUN --data LABELLED [--fractions ...] [--seeds N] [--quick]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from raymim.cli import add_config_arguments
+
+    parser.add_argument("--pretrained", required=True,
+                        help="checkpoint dir, encoder.pt, runs:/<id>/encoder or a bare MLflow run id")
+    parser.add_argument("--data", required=True, help="labelled manifest (image,label[,split]), folder or dataset.json")
+    parser.add_argument("--fractions", default=None, help="comma-separated label fractions, e.g. 0.05,0.1,1.0")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per fraction (each a pretrained/scratch pair)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per cell")
+    parser.add_argument("--classes", default=None, help="label values to keep, e.g. 2,8 (mapped to 1..K)")
+    parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (linear-probe style)")
+    parser.add_argument("--engine", choices=("ray", "local"), default=None, help="Ray Train job or in-process")
+    parser.add_argument("--quick", action="store_true", help="first fraction, one seed, finetune.quick_steps steps")
+    parser.add_argument("--out", default=None, help="output folder (default runs/finetune/<name>)")
+    parser.add_argument("--no-mlflow", action="store_true")
+    add_config_arguments(parser)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from raymim.config import load_config
+    from raymim.downstream.evaluate import run_finetune as _run
+    from raymim.train.tracking import DEFAULT_ROOT
+
+    overrides = list(args.overrides)
+    if args.fractions:
+        overrides.append(f"finetune.fractions=[{args.fractions}]")
+    if args.seeds is not None:
+        overrides.append(f"finetune.seeds={args.seeds}")
+    if args.steps is not None:
+        overrides.append(f"finetune.steps={args.steps}")
+        if args.quick:
+            overrides.append(f"finetune.quick_steps={args.steps}")
+    if args.classes:
+        overrides.append(f"finetune.classes=[{args.classes}]")
+    if args.freeze_encoder:
+        overrides.append("finetune.freeze_encoder=true")
+    cfg = load_config(args.config, overrides)
+    out = args.out or str(DEFAULT_ROOT / "finetune" / cfg.name)
+    res = _run(args.pretrained, args.data, cfg, out, quick=args.quick, engine=args.engine,
+               log_mlflow=not args.no_mlflow)
+    print((res.out_dir / "results.md").read_text())
+    print(json.dumps({"out_dir": str(res.out_dir), "mlflow_parent_run": res.parent_run_id,
+                      "child_runs": len(res.child_run_ids)}, indent=2))
+    return 0

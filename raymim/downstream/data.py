@@ -1,0 +1,96 @@
+"""Labelled cases for fine-tuning: discover, preprocess (the data plane's MONAI transforms), remap.
+
+Each case is held in memory as plain tensors (fine-tuning sets are small; the phantom and the
+``../shared/data`` sets are a few MB): ``{"id", "image": float32 [1, X, Y, Z] in [0, 1],
+"label": uint8 [1, X, Y, Z] with classes 0..K, "spacing": [sx, sy, sz] mm}``.
+
+Example::
+
+    cases = load_labelled_cases("phantoms/manifest.csv", cfg.prepare, classes=[2, 8], roi_size=(32, 32, 32))
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymim.config import PrepareConfig
+
+
+def remap_labels(label: torch.Tensor, classes: Sequence[int] | None) -> torch.Tensor:
+    """Keep ``classes`` (original values) as 1..K in order; everything else becomes background."""
+    label = label.round().long()
+    if classes is None:
+        return label.to(torch.uint8)
+    out = torch.zeros_like(label)
+    for new, old in enumerate(classes, start=1):
+        out[label == int(old)] = new
+    return out.to(torch.uint8)
+
+
+def _split_column(data: str | Path) -> dict[str, str]:
+    """``split`` values of a CSV manifest, by the image column (empty when there is none)."""
+    path = Path(data)
+    if not (path.is_file() and path.suffix.lower() == ".csv"):
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["image"]: r["split"].strip().lower() for r in rows if r.get("split")}
+
+
+def case_id(record: dict[str, Any]) -> str:
+    return str(record.get("rel") or Path(record["image"]).name)
+
+
+def load_labelled_cases(
+    data: str | Path | Sequence[dict[str, Any]],
+    prepare_cfg: PrepareConfig,
+    classes: Sequence[int] | None = None,
+    roi_size: Sequence[int] = (96, 96, 96),
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """``(cases, fixed_sides)``: preprocessed labelled cases and any manifest ``split`` column.
+
+    ``data`` is what :func:`raymim.io.discover.discover_cases` accepts (a folder, a manifest, an MSD
+    ``dataset.json``) or a list of ``{"image", "label"}`` records. Cases without a label are skipped.
+    """
+    from raymim.data.transforms import build_preprocess, voxel_spacing
+
+    if isinstance(data, str | Path):
+        from raymim.io.discover import discover_cases
+
+        records = discover_cases(data)
+        fixed_raw = _split_column(data)
+    else:
+        records = [dict(r, rel=r.get("rel") or r.get("id") or Path(r["image"]).name) for r in data]
+        fixed_raw = {case_id(r): r["split"] for r in records if r.get("split")}
+    records = [r for r in records if r.get("label") and not r.get("error")]
+    if not records:
+        raise ValueError(f"no labelled cases in {data!r} (a manifest needs a 'label' column)")
+    # Pad to at least the training ROI so every crop and sliding window fits.
+    pre_cfg = dataclasses.replace(prepare_cfg, crop_size=[int(r) for r in roi_size])
+    pre = build_preprocess(pre_cfg, with_label=True)
+    cases = []
+    for rec in records:
+        out = pre({"image": rec["image"], "label": rec["label"]})
+        img, lab = out["image"], out["label"]
+        cases.append({
+            "id": case_id(rec),
+            "image": torch.as_tensor(np.asarray(img.detach().cpu()), dtype=torch.float32).contiguous(),
+            "label": remap_labels(torch.as_tensor(np.asarray(lab.detach().cpu())), classes).contiguous(),
+            "spacing": voxel_spacing(img),
+        })
+    fixed = {case_id(r): fixed_raw[r.get("rel", "")] for r in records if r.get("rel", "") in fixed_raw}
+    return cases, fixed
+
+
+def num_classes_of(cases: Sequence[dict[str, Any]], classes: Sequence[int] | None) -> int:
+    """Output channels: K + 1 with explicit ``classes``, else max label + 1 over the cases."""
+    if classes is not None:
+        return len(classes) + 1
+    return int(max(int(c["label"].max()) for c in cases)) + 1

@@ -1,0 +1,263 @@
+"""Downstream evaluation: label-fraction grid of pretrained/scratch pairs, tables, plots, MLflow.
+
+:func:`run_finetune` is what ``raymim finetune`` runs; :func:`quick_finetune` is the one-cell
+objective a Tune trial calls (in-process, no nested Ray Train job).
+
+Example::
+
+    res = run_finetune("runs/mim/checkpoint", "phantoms/manifest.csv", cfg, "runs/ft", engine="local")
+    res.summary[0]["dice/mean"]
+    quick_finetune(encoder_state, cfg, cases)["dice/mean"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raymim.config import RaymimConfig, config_from_dict, flatten, to_dict
+from raymim.downstream.data import load_labelled_cases, num_classes_of
+from raymim.downstream.loop import cell_key, load_cell_results, run_cells, train_cell
+from raymim.downstream.report import (
+    cell_rows,
+    markdown_summary,
+    overlay_figure,
+    plot_dice_vs_fraction,
+    summary_rows,
+    write_csv,
+)
+from raymim.downstream.splits import Split, fraction_subset, make_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    split: Split
+    parent_run_id: str | None
+    child_run_ids: dict[str, str]
+    artifacts: list[Path]
+
+
+def merge_pretrained_config(cfg: RaymimConfig, pretrained_cfg: RaymimConfig | None) -> RaymimConfig:
+    """The run's config with the model (and method name) of the pretrained checkpoint: the encoder
+    defines the architecture; everything downstream comes from ``cfg``."""
+    if pretrained_cfg is None:
+        return cfg
+    tree = to_dict(cfg)
+    tree["model"] = to_dict(pretrained_cfg.model)
+    tree["method"] = to_dict(pretrained_cfg.method)
+    return config_from_dict(tree)
+
+
+def _roi(cfg: RaymimConfig) -> tuple[int, int, int]:
+    return tuple(int(s) for s in (cfg.finetune.roi_size or [cfg.model.img_size] * 3))  # type: ignore[return-value]
+
+
+def _cases_arg(data: Any, cfg: RaymimConfig) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    if isinstance(data, list | tuple) and data and isinstance(data[0], Mapping) and "label" in data[0] and \
+            isinstance(data[0]["label"], torch.Tensor):
+        return list(data), {c["id"]: c["split"] for c in data if c.get("split")}
+    return load_labelled_cases(data, cfg.prepare, cfg.finetune.classes, _roi(cfg))
+
+
+def quick_finetune(
+    encoder_state: Mapping[str, torch.Tensor] | None,
+    cfg: RaymimConfig,
+    data: Any,
+    steps: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    with_scratch: bool = False,
+) -> dict[str, float]:
+    """One fine-tuning cell in-process; returns flat test metrics (``dice/mean``, ``nsd/mean``,
+    ``hd95/mean``, ``ppv/mean``, ``sensitivity/mean``, per class ``dice/<name>``...), ``val/...``
+    metrics, and with ``with_scratch`` the same for scratch under ``scratch/`` plus
+    ``dice_gain_vs_scratch``. ``data``: a path :func:`load_labelled_cases` accepts, or the
+    already loaded cases (load once per Tune search and pass them, e.g. through ``ray.put``).
+    Safe inside a Ray task or Tune trial (no Ray or MLflow calls)."""
+    ft = cfg.finetune
+    cases, fixed = _cases_arg(data, cfg)
+    split = make_split([c["id"] for c in cases], ft.split_seed, ft.val_fraction, ft.test_fraction, fixed)
+    by_id = {c["id"]: c for c in cases}
+    num_classes = num_classes_of(cases, ft.classes)
+    frac = ft.fractions[0] if fraction is None else fraction
+    out: dict[str, float] = {}
+    inits = ["pretrained"] + (["scratch"] if with_scratch else []) if encoder_state is not None else ["scratch"]
+    for init in inits:
+        cell = {"fraction": frac, "seed": seed, "init": init, "train_ids": fraction_subset(split.train, frac, seed)}
+        res = train_cell(cell, by_id, encoder_state, cfg, num_classes, steps or ft.quick_steps, split.val, split.test)
+        pre = "" if init == inits[0] else "scratch/"
+        out.update({f"{pre}{k}": v for k, v in res["test"].items()})
+        out.update({f"{pre}val/{k}": v for k, v in res["val"].items()})
+        out[f"{pre}train_seconds"] = res["train_seconds"]
+    if "scratch/dice/mean" in out and inits[0] == "pretrained":
+        out["dice_gain_vs_scratch"] = out["dice/mean"] - out["scratch/dice/mean"]
+    return out
+
+
+def run_finetune(
+    pretrained: str | Path | tuple[Mapping[str, torch.Tensor], RaymimConfig],
+    data: Any,
+    cfg: RaymimConfig,
+    out_dir: str | Path,
+    quick: bool = False,
+    engine: str | None = None,
+    log_mlflow: bool = True,
+) -> FinetuneResult:
+    """The full evaluation. ``pretrained``: checkpoint dir / encoder.pt / MLflow ref, or an
+    ``(encoder_state, config)`` pair. Writes results under ``out_dir`` and logs to MLflow."""
+    from raymim.train.checkpoint import load_pretrained
+
+    t0 = time.time()
+    ref = None if isinstance(pretrained, tuple) else str(pretrained)
+    encoder_state, pre_cfg = pretrained if isinstance(pretrained, tuple) else load_pretrained(pretrained)
+    cfg = merge_pretrained_config(cfg, pre_cfg)
+    ft = cfg.finetune
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cases, fixed = _cases_arg(data, cfg)
+    split = make_split([c["id"] for c in cases], ft.split_seed, ft.val_fraction, ft.test_fraction, fixed)
+    num_classes = num_classes_of(cases, ft.classes)
+    fractions = ft.fractions[:1] if quick else sorted(ft.fractions)
+    seeds = 1 if quick else ft.seeds
+    steps = ft.quick_steps if quick else ft.steps
+    cells = [{"fraction": f, "seed": s, "init": init, "train_ids": fraction_subset(split.train, f, s)}
+             for f in fractions for s in range(seeds) for init in ("pretrained", "scratch")]
+    overlay_ids = split.test[: ft.overlays]
+    job = {"cfg": to_dict(cfg), "cases": {c["id"]: c for c in cases}, "encoder_state": dict(encoder_state),
+           "num_classes": num_classes, "steps": steps, "cells": cells, "val_ids": split.val, "test_ids": split.test,
+           "overlay_ids": overlay_ids, "out_dir": str(out)}
+    engine = engine or ft.engine
+    if engine == "ray":
+        _fit_with_ray_train(job, cfg, out)
+    else:
+        run_cells(job)
+    results = load_cell_results(out, [cell_key(c) for c in cells])
+    rows, summary = cell_rows(results), summary_rows(results)
+    artifacts = _write_artifacts(out, rows, summary, results, {c["id"]: c for c in cases}, split, cfg, ref)
+    parent, children = (None, {})
+    if log_mlflow:
+        parent, children = _log_mlflow(cfg, ref, results, summary, artifacts, split, quick, time.time() - t0)
+    return FinetuneResult(out, rows, summary, split, parent, children, artifacts)
+
+
+def _fit_with_ray_train(job: dict[str, Any], cfg: RaymimConfig, out: Path) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raymim.downstream.loop import finetune_train_loop
+
+    ft = cfg.finetune
+    if not ray.is_initialized():
+        ray.init()
+    workers = max(1, min(ft.num_workers, len(job["cells"])))
+    trainer = TorchTrainer(
+        finetune_train_loop,
+        train_loop_config={"job": ray.put(job)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=ft.use_gpu,
+                                     resources_per_worker={"CPU": ft.cpus_per_worker}),
+        run_config=RunConfig(name=f"finetune-{int(time.time())}", storage_path=str(out / "ray")),
+    )
+    trainer.fit()
+
+
+def _write_artifacts(out: Path, rows, summary, results, cases, split: Split, cfg: RaymimConfig,
+                     ref: str | None) -> list[Path]:
+    arts = [write_csv(rows, out / "results.csv"), write_csv(summary, out / "summary.csv")]
+    title = f"{cfg.method.name} {cfg.model.backbone} vs scratch ({len(split.test)} test cases)"
+    md = markdown_summary(summary, title)
+    (out / "results.md").write_text(md + f"\nPretrained: `{ref}`. Per-cell rows: results.csv.\n")
+    arts.append(out / "results.md")
+    arts.append(plot_dice_vs_fraction(summary, out / "dice_vs_fraction.png"))
+    (out / "split.json").write_text(json.dumps(dataclasses.asdict(split), indent=1))
+    arts.append(out / "split.json")
+    (out / "overlays").mkdir(exist_ok=True)
+    top = max(r["fraction"] for r in results)
+    for case_id in split.test[: cfg.finetune.overlays]:
+        preds = {f"{r['init']} (f={r['fraction']:g})": r["preds"][case_id.replace("/", "__")]
+                 for r in results if r["seed"] == 0 and r["fraction"] in (min(r2["fraction"] for r2 in results), top)
+                 and case_id.replace("/", "__") in r["preds"]}
+        c = cases[case_id]
+        name = case_id.replace("/", "_").split(".")[0]
+        arts.append(overlay_figure(c["image"][0].numpy(), c["label"][0].numpy(), preds,
+                                   out / "overlays" / f"{name}.png", title=case_id))
+    return arts
+
+
+def _log_mlflow(cfg: RaymimConfig, ref: str | None, results, summary, artifacts, split: Split, quick: bool,
+                seconds: float) -> tuple[str, dict[str, str]]:
+    import math
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    from raymim.train.tracking import log_params_flat, setup_experiment
+
+    exp_id = setup_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(mlflow.get_tracking_uri())
+    tags = {"raymim.kind": "finetune", "raymim.pretrained": str(ref), "raymim.quick": str(quick)}
+    pretrain_run = _pretrain_run_id(ref)
+    if pretrain_run:
+        tags["raymim.pretrain_run_id"] = pretrain_run
+    parent = client.create_run(exp_id, run_name=f"finetune-{cfg.name}", tags=tags).info.run_id
+    params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in ("model", "method", "finetune", "prepare")}
+    params.update({"split.train": len(split.train), "split.val": len(split.val), "split.test": len(split.test)})
+    log_params_flat(client, parent, params)
+    now = int(time.time() * 1000)
+
+    def finite(d: Mapping[str, Any]) -> list[Metric]:
+        return [Metric(k.replace("/", "."), float(v), now, 0) for k, v in d.items()
+                if isinstance(v, int | float) and math.isfinite(float(v))]
+
+    children = {}
+    for r in results:
+        run = client.create_run(exp_id, run_name=r["key"], tags={"mlflow.parentRunId": parent, "raymim.init": r["init"],
+                                                                   "raymim.kind": "finetune-cell"})
+        cid = run.info.run_id
+        client.log_batch(cid, params=[mlflow.entities.Param(k, str(v)) for k, v in
+                                      {"fraction": r["fraction"], "seed": r["seed"], "init": r["init"],
+                                       "n_train": r["n_train"], "steps": r["steps"]}.items()])
+        ms = finite({f"test/{k}": v for k, v in r["test"].items()}) + finite({f"val/{k}": v for k, v in r["val"].items()})
+        ms += finite({"loss_last": r["loss_last"], "train_seconds": r["train_seconds"]})
+        for i in range(0, len(ms), 500):
+            client.log_batch(cid, metrics=ms[i:i + 500])
+        if r.get("load_report"):
+            client.log_dict(cid, r["load_report"], "load_report.json")
+        client.set_terminated(cid)
+        children[r["key"]] = cid
+    summ = {}
+    for row in summary:
+        for k, v in row.items():
+            if "/" in k or k == "dice_gain_vs_scratch":
+                summ[f"f{row['fraction']:g}.{row['init']}.{k}"] = v
+    summ["seconds"] = seconds
+    ms = finite(summ)
+    for i in range(0, len(ms), 500):
+        client.log_batch(parent, metrics=ms[i:i + 500])
+    for art in artifacts:
+        client.log_artifact(parent, str(art), artifact_path="overlays" if art.parent.name == "overlays" else None)
+    client.set_terminated(parent)
+    return parent, children
+
+
+def _pretrain_run_id(ref: str | None) -> str | None:
+    if not ref:
+        return None
+    if ref.startswith("runs:/"):
+        return ref[len("runs:/"):].split("/")[0]
+    if len(ref) == 32 and ref.isalnum() and not Path(ref).exists():
+        return ref
+    return None

@@ -1,0 +1,84 @@
+"""MiM level hierarchy: shapes, exact ratios, and geometry (children inside masked cubes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymim.masking import cube_block, level_box_sides, mim_levels
+
+
+def _check_geometry(levels, grid: int) -> None:
+    for parent, child in zip(levels, levels[1:]):
+        batch, n_child = child.parent.shape
+        n_parent = parent.boxes.shape[1]
+        k = parent.block
+        for b in range(batch):
+            for j in range(n_child):
+                i = int(child.parent[b, j])
+                pbox = parent.boxes[b, i].tolist()
+                side = pbox[3] - pbox[0]
+                tok = int(child.parent_token[b, j])
+                tz, ty, tx = tok // (grid * grid), (tok // grid) % grid, tok % grid
+                # the parent token is masked, and so is its whole k^3 cube
+                pmask = parent.mask.mask[b * n_parent + i].view(grid, grid, grid)
+                cz, cy, cx = (t // k * k for t in (tz, ty, tx))
+                assert pmask[cz : cz + k, cy : cy + k, cx : cx + k].min() == 1
+                # the child box lies inside that cube (image voxels)
+                cbox = child.boxes[b, j].tolist()
+                for ax, c0 in enumerate((cz, cy, cx)):
+                    lo = pbox[ax] + c0 * side / grid
+                    hi = pbox[ax] + (c0 + k) * side / grid
+                    assert lo <= cbox[ax] and cbox[ax + 3] <= hi
+                    # and its centre lies in the parent token
+                    t = (tz, ty, tx)[ax]
+                    centre = (cbox[ax] + cbox[ax + 3]) / 2
+                    assert pbox[ax] + t * side / grid <= centre <= pbox[ax] + (t + 1) * side / grid
+
+
+def test_paper_shapes_geometry():
+    g = torch.Generator().manual_seed(0)
+    levels = mim_levels(torch.rand(2, 1, 96, 96, 96), 96, 16, [384, 96, 16], 0.6, 4, generator=g)
+    assert [lv.volumes.shape for lv in levels] == [(2, 1, 96, 96, 96), (8, 1, 96, 96, 96), (8, 1, 96, 96, 96)]
+    assert [lv.boxes[0, 0, 3] - lv.boxes[0, 0, 0] for lv in levels] == [96, 24, 4]
+    for lv in levels:
+        assert torch.all(lv.mask.mask.sum(1) == round(216 * 0.6))
+        assert lv.mask.ids_keep.shape[1] == 216 - round(216 * 0.6)
+    assert levels[0].block == 2 and levels[1].block == 1
+    _check_geometry(levels, 6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_geometry_small_non_divisible(seed: int):
+    """A 40^3 image (level-1 box 40, token side 5): fractional cube edges still contain children."""
+    g = torch.Generator().manual_seed(seed)
+    levels = mim_levels(torch.rand(2, 1, 40, 44, 48), 32, 8, [40, 20, 10, 5], 0.7, 3, generator=g)
+    assert len(levels) == 4 and levels[3].volumes.shape == (6, 1, 32, 32, 32)
+    _check_geometry(levels, 4)
+
+
+def test_single_level_is_a_whole_image_random_mask():
+    img = torch.rand(2, 1, 32, 32, 32)
+    torch.manual_seed(3)
+    (lv,) = mim_levels(img, 32, 8, [384], 0.75, 4)
+    torch.manual_seed(3)
+    expected = torch.rand(2, 64).argsort(1)[:, :48]
+    assert torch.equal(lv.volumes, img)
+    assert torch.equal(lv.mask.mask.nonzero()[:, 1].view(2, 48).sort(1).values, expected.sort(1).values)
+
+
+def test_crops_come_from_the_image():
+    img = torch.arange(32.0**3).view(1, 1, 32, 32, 32)
+    levels = mim_levels(img, 16, 4, [32, 16], 0.75, 2)
+    z0, y0, x0, z1, y1, x1 = levels[1].boxes[0, 0].tolist()
+    assert torch.equal(levels[1].volumes[0], img[0, :, z0:z1, y0:y1, x0:x1])  # 16^3 crop, no resize
+
+
+def test_sides_and_blocks_and_errors():
+    assert level_box_sides((96, 96, 96), [384, 96, 16], 3) == [96, 24, 4]
+    assert level_box_sides((512, 512, 400), [384, 96, 16], 2) == [384, 96]
+    assert cube_block(96, 6, 24) == 2 and cube_block(24, 6, 4) == 1
+    with pytest.raises(ValueError, match="does not fit"):
+        cube_block(32, 4, 32)
+    with pytest.raises(ValueError, match="levels should be in the range"):
+        mim_levels(torch.rand(1, 1, 32, 32, 32), 32, 8, [32, 16], 0.6, 2, levels=3)
