@@ -77,25 +77,49 @@ start_node() {  # start_node INDEX
   fi
 }
 
+tree() {  # tree PID...: the PIDs and all their descendants
+  local p
+  for p in "$@"; do
+    echo "$p"
+    # shellcheck disable=SC2046
+    tree $(pgrep -P "$p" || true)
+  done
+}
+
+node_pids() {  # node_pids INDEX: processes naming this node's temp dir, and their children
+  local pat
+  pat="$(node_dir "$1")(/|[[:space:]]|\$)"
+  # Ray workers rename themselves (ray::IDLE, ray::RayTrainWorker), so their command lines no
+  # longer name the temp dir: they are found as children of the raylet instead.
+  # shellcheck disable=SC2046
+  tree $(pgrep -f -- "$pat" || true) | sort -u
+}
+
 stop_node() {  # stop_node INDEX: stop the processes of one node's session only
-  local tmp
-  tmp="$(node_dir "$1")"
-  [[ -d "$tmp" ]] || return 0
+  [[ -d "$(node_dir "$1")" ]] || return 0
   # `ray stop` kills every Ray process of the user on the machine (other clusters included);
   # instead stop the processes whose command line names this node's temp dir (gcs, raylet,
-  # dashboard, agents, log monitor, workers).
-  local pat="${tmp}(/|[[:space:]]|\$)" pids
-  pids="$(pgrep -f -- "$pat" || true)"
-  if [[ -n "$pids" ]]; then
+  # dashboard, agents, log monitor) and their descendants (workers). Repeat until none is left:
+  # a raylet that is shutting down may still start a worker.
+  local pids round
+  for round in 1 2 3 4 5; do
+    pids="$(node_pids "$1")"
+    [[ -z "$pids" ]] && return 0
     # shellcheck disable=SC2086
     kill -TERM $pids 2>/dev/null || true
     for _ in $(seq 1 40); do
-      pids="$(pgrep -f -- "$pat" || true)"
+      pids="$(echo "$pids" | while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done || true)"
       [[ -z "$pids" ]] && break
       sleep 0.25
     done
     # shellcheck disable=SC2086
     [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+    sleep 0.5
+  done
+  pids="$(node_pids "$1")"
+  if [[ -n "$pids" ]]; then
+    echo "local.sh: processes of node $1 still running: $pids" >&2
+    return 1
   fi
 }
 
@@ -109,7 +133,9 @@ case "${1:-}" in
     echo "submit with: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:$DASH_PORT --working-dir . --runtime-env jobs/runtime_env.yaml -- raymim ..."
     ;;
   stop)
-    for i in $(seq "$WORKERS" -1 0); do stop_node "$i"; done
+    rc=0
+    for i in $(seq "$WORKERS" -1 0); do stop_node "$i" || rc=1; done
+    exit "$rc"
     ;;
   status)
     "$RAY" status --address="127.0.0.1:$PORT"

@@ -70,7 +70,9 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
     if ctx.get("keep_paths"):
         status["source"] = case["rel"]
     if case.get("error"):
-        status.update(case_id=keyed_id(key, "input:" + case["rel"]), reason=case["error"])
+        cid = keyed_id(key, "input:" + case["rel"])
+        skipped = cid in ctx.get("done", ())
+        status.update(case_id=cid, reason=case["error"], status="skipped" if skipped else "rejected")
         return status, []
     try:
         digest = content_digest(case["image"], case.get("label"))

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,7 +230,8 @@ def _log_mlflow(cfg: RaymimConfig, ref: str | None, results, summary, artifacts,
         client.log_batch(cid, params=[mlflow.entities.Param(k, str(v)) for k, v in
                                       {"fraction": r["fraction"], "seed": r["seed"], "init": r["init"],
                                        "n_train": r["n_train"], "steps": r["steps"]}.items()])
-        ms = finite({f"test/{k}": v for k, v in r["test"].items()}) + finite({f"val/{k}": v for k, v in r["val"].items()})
+        ms = finite({f"test/{k}": v for k, v in r["test"].items()})
+        ms += finite({f"val/{k}": v for k, v in r["val"].items()})
         ms += finite({"loss_last": r["loss_last"], "train_seconds": r["train_seconds"]})
         for i in range(0, len(ms), 500):
             client.log_batch(cid, metrics=ms[i:i + 500])

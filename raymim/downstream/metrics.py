@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,12 +71,15 @@ def per_case_metrics(
     nfg = num_classes - 1
 
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p1, y1)[0]
-    nsd = SurfaceDiceMetric(
-        class_thresholds=[float(nsd_tolerance_mm)] * nfg, include_background=False, reduction="none"
-    )(p1, y1, spacing=spacing)[0]
-    hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-        p1, y1, spacing=spacing
-    )[0]
+    with warnings.catch_warnings():
+        # MONAI warns for empty masks; those cases are handled (set to nan / counted) below.
+        warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf distance")
+        nsd = SurfaceDiceMetric(
+            class_thresholds=[float(nsd_tolerance_mm)] * nfg, include_background=False, reduction="none"
+        )(p1, y1, spacing=spacing)[0]
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
+            p1, y1, spacing=spacing
+        )[0]
     cm = get_confusion_matrix(p1, y1, include_background=False)  # [1, C-1, 4]: tp, fp, tn, fn
     ppv = compute_confusion_matrix_metric("precision", cm)[0]
     sens = compute_confusion_matrix_metric("sensitivity", cm)[0]

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
-from monai.networks.nets import UNETR, ViT, SwinUNETR
+from monai.networks.nets import UNETR, SwinUNETR, ViT
 from torch import nn
 
 from raymim.config import ModelConfig

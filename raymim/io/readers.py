@@ -16,8 +16,8 @@ Reasons never quote header values (no identifiers leak into quarantine reports).
 from __future__ import annotations
 
 import gzip
-import zlib
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

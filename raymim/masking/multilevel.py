@@ -172,7 +172,5 @@ def mim_levels(
         level = MiMLevel(volumes, mask, boxes, parents, tokens, block)
         out.append(level)
         if has_children:
-            boxes, parents, tokens = _sample_children(
-                level, batch, sides[lvl], grid, sides[lvl + 1], gamma, generator
-            )
+            boxes, parents, tokens = _sample_children(level, batch, sides[lvl], grid, sides[lvl + 1], gamma, generator)
     return out

@@ -45,7 +45,11 @@ class MAE(PretrainMethod):
         self.grid = self.encoder.grid
         self.patch = m.patch_size
         self.decoder = MAEDecoder(
-            self.grid, m.hidden_size, m.decoder_hidden_size, m.decoder_layers, m.decoder_heads,
+            self.grid,
+            m.hidden_size,
+            m.decoder_hidden_size,
+            m.decoder_layers,
+            m.decoder_heads,
             out_dim=m.patch_size**3 * m.in_channels,
         )
         kind = config.method.recon_loss

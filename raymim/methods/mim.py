@@ -51,8 +51,14 @@ class MiM(MAE):
     def make_levels(self, image: torch.Tensor) -> list[MiMLevel]:
         mc, m = self.config.method, self.config.model
         return mim_levels(
-            image.float(), m.img_size, m.patch_size, mc.level_sizes, mc.mask_ratio, mc.gamma,
-            levels=mc.levels, mask_block=mc.mask_block,
+            image.float(),
+            m.img_size,
+            m.patch_size,
+            mc.level_sizes,
+            mc.mask_ratio,
+            mc.gamma,
+            levels=mc.levels,
+            mask_block=mc.mask_block,
         )
 
     def forward_levels(

@@ -74,8 +74,7 @@ class ConvViTEncoder(TokenEncoderMixin, nn.Module):
             spatial_dims=3,
         )
         self.blocks = nn.ModuleList(
-            TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias=False)
-            for _ in range(num_layers)
+            TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias=False) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size)
         self.hidden_size = hidden_size

@@ -44,22 +44,39 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
 @register_backbone("vit")
 def _vit(cfg: ModelConfig) -> ViTEncoder:
     return ViTEncoder(
-        cfg.in_channels, cfg.img_size, cfg.patch_size, cfg.hidden_size, cfg.mlp_dim, cfg.num_layers,
-        cfg.num_heads, cfg.dropout,
+        cfg.in_channels,
+        cfg.img_size,
+        cfg.patch_size,
+        cfg.hidden_size,
+        cfg.mlp_dim,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.dropout,
     )
 
 
 @register_backbone("convvit")
 def _convvit(cfg: ModelConfig) -> ConvViTEncoder:
     return ConvViTEncoder(
-        cfg.in_channels, cfg.img_size, cfg.patch_size, cfg.hidden_size, cfg.mlp_dim, cfg.num_layers,
-        cfg.num_heads, tuple(cfg.conv_channels), cfg.dropout,
+        cfg.in_channels,
+        cfg.img_size,
+        cfg.patch_size,
+        cfg.hidden_size,
+        cfg.mlp_dim,
+        cfg.num_layers,
+        cfg.num_heads,
+        tuple(cfg.conv_channels),
+        cfg.dropout,
     )
 
 
 @register_backbone("swin")
 def _swin(cfg: ModelConfig) -> SwinEncoder:
     return SwinEncoder(
-        cfg.in_channels, cfg.swin_feature_size, cfg.swin_window_size, tuple(cfg.swin_depths),
-        tuple(cfg.swin_heads), cfg.dropout,
+        cfg.in_channels,
+        cfg.swin_feature_size,
+        cfg.swin_window_size,
+        tuple(cfg.swin_depths),
+        tuple(cfg.swin_heads),
+        cfg.dropout,
     )

@@ -63,8 +63,24 @@ def _free_port_block(n: int = 5) -> int:
 
 
 def _pids_of(node_root: Path) -> list[str]:
+    """Processes naming the cluster's temp dir (gcs, raylets, agents...) and their descendants."""
     out = subprocess.run(["pgrep", "-f", "--", f"{node_root}(/|[[:space:]]|$)"], capture_output=True, text=True)
-    return [p for p in out.stdout.split() if p != str(os.getpid())]
+    todo, seen = [p for p in out.stdout.split() if p != str(os.getpid())], []
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        kids = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
+        todo.extend(kids)
+    return seen
+
+
+def _describe(pids: list[str]) -> str:
+    if not pids:
+        return ""
+    return subprocess.run(["ps", "-o", "pid,ppid,etime,args", "-p", ",".join(pids)], capture_output=True,
+                          text=True).stdout[:3000]
 
 
 class Cluster:
@@ -122,12 +138,17 @@ def cluster():
         env["RAY_ADDRESS"] = c.address  # for jobs/*.sh, which submit to $RAY_ADDRESS
         yield c
     finally:
-        subprocess.run(["bash", str(LOCAL_SH), "stop"], cwd=REPO, env=env, capture_output=True, timeout=180)
+        t1 = time.perf_counter()
+        stop = subprocess.run(["bash", str(LOCAL_SH), "stop"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=180)
         left = _pids_of(root / "ray")
-        for pid in left:  # last resort, by pid, only ours
+        report = _describe(left)
+        for pid in left:  # last resort, by pid, only this cluster's processes
             subprocess.run(["kill", "-9", pid], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-        assert not left, f"processes of the test cluster survived `local.sh stop`: {left}"
+        print(f"cluster stopped in {time.perf_counter() - t1:.0f}s")
+        assert not left, f"processes of the test cluster survived `local.sh stop`:\n{report}\n{stop.stderr[-2000:]}"
+        assert stop.returncode == 0, stop.stderr[-2000:]
 
 
 def _submit_streaming(c: Cluster, args: list[str], stop_when=None, timeout: float = 300) -> tuple[str, bool]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import ViT
-
 from downstream_fixtures import TINY_VIT
+from monai.networks.nets import ViT
 
 from raymim.config import config_from_dict
 from raymim.train.checkpoint import write_checkpoint
+
 
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):

@@ -1,10 +1,9 @@
-"""Tiny encoders (helpers shared by the export tests): in raymim's layouts (MONAI ViT keys / MONAI SwinTransformer) saved as checkpoints."""
+"""Tiny encoders in raymim's layouts (MONAI ViT keys / MONAI SwinTransformer), shared by the export tests."""
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import ViT, SwinUNETR
-
+from monai.networks.nets import SwinUNETR, ViT
 
 VIT = dict(backbone="vit", img_size=32, patch_size=16, hidden_size=48, mlp_dim=96, num_layers=12, num_heads=4)
 SWIN = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), window_size=4)

@@ -10,7 +10,7 @@ from monai.networks.nets import UNETR, SwinUNETR
 
 from raymim.cli import main
 from raymim.config import config_from_dict
-from raymim.downstream.networks import build_segmentation_network, load_encoder
+from raymim.downstream.networks import build_segmentation_network
 from raymim.export.bundle import build_bundle_network, check_metadata_structure, validate_bundle
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from export_fixtures import SWIN, tiny_swin, tiny_vit
 from monai.networks.nets import UNETR, SwinUNETR
 
 from raymim.export.converters import (
@@ -16,8 +17,6 @@ from raymim.export.converters import (
     to_swinunetr_state_dict,
     to_unetr_state_dict,
 )
-
-from export_fixtures import SWIN, tiny_swin, tiny_vit
 
 X32 = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
 

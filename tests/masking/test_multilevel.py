@@ -50,9 +50,9 @@ def test_paper_shapes_geometry():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_geometry_small_non_divisible(seed: int):
-    """A 40^3 image (level-1 box 40, token side 5): fractional cube edges still contain children."""
+    """A 40x44x48 image (boxes 40, 16, 6, 2; token side 1.5 at level 3): fractional cube edges still contain children."""
     g = torch.Generator().manual_seed(seed)
-    levels = mim_levels(torch.rand(2, 1, 40, 44, 48), 32, 8, [40, 20, 10, 5], 0.7, 3, generator=g)
+    levels = mim_levels(torch.rand(2, 1, 40, 44, 48), 32, 8, [40, 16, 6, 2], 0.7, 3, generator=g)
     assert len(levels) == 4 and levels[3].volumes.shape == (6, 1, 32, 32, 32)
     _check_geometry(levels, 4)
 
@@ -79,6 +79,6 @@ def test_sides_and_blocks_and_errors():
     assert level_box_sides((512, 512, 400), [384, 96, 16], 2) == [384, 96]
     assert cube_block(96, 6, 24) == 2 and cube_block(24, 6, 4) == 1
     with pytest.raises(ValueError, match="does not fit"):
-        cube_block(32, 4, 32)
+        cube_block(32, 4, 40)
     with pytest.raises(ValueError, match="levels should be in the range"):
         mim_levels(torch.rand(1, 1, 32, 32, 32), 32, 8, [32, 16], 0.6, 2, levels=3)

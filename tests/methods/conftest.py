@@ -22,9 +22,21 @@ CASES = [
 def tiny_config(name: str, backbone: str = "vit", **method: object) -> RaymimConfig:
     """ViT hidden 48 / 1 layer at 32^3 with patch 8 (64 tokens); MiM with 2 levels."""
     model = ModelConfig(
-        backbone=backbone, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
-        decoder_hidden_size=48, decoder_layers=1, decoder_heads=4, swin_feature_size=12, swin_window_size=4,
-        swin_depths=[1, 1, 1, 1], swin_heads=[1, 1, 2, 2], conv_channels=[8, 16],
+        backbone=backbone,
+        img_size=32,
+        patch_size=8,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=1,
+        num_heads=4,
+        decoder_hidden_size=48,
+        decoder_layers=1,
+        decoder_heads=4,
+        swin_feature_size=12,
+        swin_window_size=4,
+        swin_depths=[1, 1, 1, 1],
+        swin_heads=[1, 1, 2, 2],
+        conv_channels=[8, 16],
     )
     kwargs: dict = {"name": name, "levels": 2, "level_sizes": [32, 16], "gamma": 2}
     kwargs.update(method)

@@ -43,8 +43,9 @@ def test_swin_state_dict_loads_into_swinunetr():
     from monai.networks.nets import SwinUNETR
 
     enc = SwinEncoder(1, 12, 4, (1, 1, 1, 1), (1, 1, 2, 2))
-    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                    window_size=4)
+    net = SwinUNETR(
+        in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4
+    )
     result = net.swinViT.load_state_dict(enc.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
 
@@ -93,9 +94,19 @@ def test_mae_decoder_shapes():
 
 def test_registry_builds_every_backbone():
     assert sorted(BACKBONES) == ["convvit", "swin", "vit"]
-    base = dict(img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
-                swin_feature_size=12, swin_window_size=4, swin_depths=[1, 1, 1, 1], swin_heads=[1, 1, 2, 2],
-                conv_channels=[8, 16])
+    base = dict(
+        img_size=32,
+        patch_size=8,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=1,
+        num_heads=4,
+        swin_feature_size=12,
+        swin_window_size=4,
+        swin_depths=[1, 1, 1, 1],
+        swin_heads=[1, 1, 2, 2],
+        conv_channels=[8, 16],
+    )
     kinds = {"vit": ViTEncoder, "convvit": ConvViTEncoder, "swin": SwinEncoder}
     for name, cls in kinds.items():
         assert isinstance(build_encoder(ModelConfig(backbone=name, **base)), cls)
