@@ -85,7 +85,8 @@ def main() -> None:
     t_decode = time.perf_counter() - start
     # raymim prepare (image only: same input bytes as the other two)
     img_manifest = work / "in" / "images.csv"
-    img_manifest.write_text("image\n" + "\n".join(f"images/{p.name}" for p in sorted((work / "in" / "images").iterdir())))
+    names = sorted(p.name for p in (work / "in" / "images").iterdir())
+    img_manifest.write_text("image\n" + "\n".join(f"images/{n}" for n in names))
     summary = prepare(img_manifest, work / "out", cfg, progress=False)
     t_prepare = summary["seconds"]
     (work / "base").mkdir()

@@ -185,16 +185,16 @@ class MethodConfig:
     def __post_init__(self) -> None:
         _check_range("method.mask_ratio", self.mask_ratio, 0.0, 1.0)
         _check_choice("method.recon_loss", self.recon_loss, ("auto", "mse", "l1"))
+        _check_positive("method.proj_dim", self.proj_dim)
+        _check_positive("method.mask_block", self.mask_block)
+        if not 1 <= self.levels <= 4:
+            raise ValueError(f"method.levels should be in the range [1, 4], got {self.levels}.")
         if len(self.level_sizes) < self.levels or any(s <= 0 for s in self.level_sizes):
             raise ValueError(
                 f"method.level_sizes should hold method.levels={self.levels} positive sizes, got {self.level_sizes}."
             )
         if any(b > a for a, b in zip(self.level_sizes, self.level_sizes[1:])):
             raise ValueError(f"method.level_sizes should not increase from level to level, got {self.level_sizes}.")
-        _check_positive("method.proj_dim", self.proj_dim)
-        _check_positive("method.mask_block", self.mask_block)
-        if not 1 <= self.levels <= 4:
-            raise ValueError(f"method.levels should be in the range [1, 4], got {self.levels}.")
         _check_positive("method.gamma", self.gamma)
         if self.alpha < 0:
             raise ValueError(f"method.alpha should be >= 0, got {self.alpha}.")

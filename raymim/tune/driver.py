@@ -124,7 +124,9 @@ def _scheduler(cfg: RaymimConfig):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=cfg.train.steps,
+    # max_t one past the last training step: ASHA stops a trial that reaches max_t, and the trial
+    # still has its downstream fine-tune to run and report after the final pretraining report.
+    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=cfg.train.steps + 1,
                          grace_period=min(cfg.tune.grace_period, cfg.train.steps),
                          reduction_factor=cfg.tune.reduction_factor)
 
