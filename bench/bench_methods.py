@@ -34,15 +34,16 @@ SHAPES = {
 }
 
 
-def _time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _time_pair(fn_a, fn_b, reps: int) -> tuple[float, float]:
+    """Interleaved timings, minimum of ``reps`` each (robust to a shared, noisy CPU)."""
+    fn_a(), fn_b()  # warm-up
+    ta, tb = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]  # median
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
 
 
 def encoder_step_times(shape: str, reps: int, img: int = 96, batch: int = 2) -> dict:
@@ -59,7 +60,7 @@ def encoder_step_times(shape: str, reps: int, img: int = 96, batch: int = 2) -> 
         enc.zero_grad(set_to_none=True)
         enc.forward_tokens(x).float().pow(2).mean().backward()
 
-    t_vis, t_all = _time(visible, reps), _time(full, reps)
+    t_vis, t_all = _time_pair(visible, full, reps)
     return {"shape": shape, "tokens": enc.num_tokens, "visible_s": t_vis, "all_s": t_all, "ratio": t_vis / t_all}
 
 
