@@ -68,18 +68,20 @@ def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> in
 
 
 def build_dataset(data: str, cfg: RaymimConfig):
-    """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans."""
+    """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans (a folder,
+    glob or manifest) run through the same preparation pipeline without writing shards. Only the
+    image and the optional columns a method may use are kept."""
     path = Path(data)
     if (path / "manifest.json").is_file():
         from raymim.data.shards import read_shards
 
         ds = read_shards(str(path))
-        names = set(ds.schema().names)
-        return ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
-    from raymim.data.pipeline import crop_dataset
+    else:
+        from raymim.data.pipeline import crop_dataset
 
-    ds = crop_dataset(data, cfg.prepare)
-    return ds
+        ds = crop_dataset(data, cfg.prepare)
+    names = set(ds.schema().names)
+    return ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
 
 
 def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | None = None) -> tuple[str, str]:

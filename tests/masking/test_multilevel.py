@@ -50,7 +50,7 @@ def test_paper_shapes_geometry():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_geometry_small_non_divisible(seed: int):
-    """A 40x44x48 image (boxes 40, 16, 6, 2; token side 1.5 at level 3): fractional cube edges still contain children."""
+    """40x44x48 image (boxes 40, 16, 6, 2; token side 1.5 at level 3): fractional cube edges hold children."""
     g = torch.Generator().manual_seed(seed)
     levels = mim_levels(torch.rand(2, 1, 40, 44, 48), 32, 8, [40, 16, 6, 2], 0.7, 3, generator=g)
     assert len(levels) == 4 and levels[3].volumes.shape == (6, 1, 32, 32, 32)

@@ -37,7 +37,6 @@ def _overrides(tmp: Path, steps: int, every: int) -> list[str]:
 @pytest.fixture(scope="module")
 def shards(ray_session, tmp_path_factory) -> Path:
     from raymim.data.pipeline import prepare
-
     from raymim.data.synth import generate_phantoms
 
     root = tmp_path_factory.mktemp("pretrain-data")
@@ -153,3 +152,18 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, shards, tmp_
     assert max(loss_steps) == steps
     repeated = len(loss_steps) - len(set(loss_steps))
     assert repeated <= every, f"{repeated} steps were repeated; at most one checkpoint interval ({every}) may be"
+
+
+def test_streaming_from_raw_scans(ray_session, shards, tmp_path):
+    """--data pointing at raw scans: crops come from the preparation pipeline, no shards written."""
+    from raymim.train.trainer import build_dataset, pretrain
+
+    manifest = next((shards.parent / "phantoms").glob("manifest.*"))
+    overrides = _overrides(tmp_path, steps=3, every=3) + ["prepare.crop_size=[32,32,32]",
+                                                          "prepare.crops_per_volume=2"]
+    cfg = load_config(TINY, overrides)
+    ds = build_dataset(str(manifest), cfg)
+    assert ds.schema().names[0] == "image" and "case_id" not in ds.schema().names
+    res = pretrain(cfg, str(manifest), name="streaming", storage=str(tmp_path / "ray"))
+    assert res.final_loss is not None and res.checkpoint_path
+    assert not list(tmp_path.rglob("*.parquet")), "streaming mode must not write shards"
