@@ -1,7 +1,10 @@
 """Throughput of ``prepare`` vs a MONAI Dataset + DataLoader(num_workers=2) baseline vs decode-only.
 
-Usage: python bench/bench_prepare.py --cases 40 --size 96 [--workdir /tmp/raymim-bench]
-Prints one JSON line per variant (volumes/s, MB/s of input) and the ratios the issue targets.
+Usage: python bench/bench_prepare.py --cases 40 --size 96 [--reps 2] [--workdir /tmp/raymim-bench]
+Prints one JSON line with every variant (volumes/s, MB/s of input) and the ratios the issue targets.
+
+A warm-up pass of all three variants on a few cases runs first (Ray worker start-up, torch / MONAI
+imports, page cache), then ``--reps`` interleaved repetitions; each variant's time is the minimum.
 """
 
 from __future__ import annotations
@@ -58,44 +61,75 @@ def _decode(path_json: str) -> dict:
     return {"n": np.asarray([x.numel()])}
 
 
+def _timed_decode(cases: list[dict]) -> float:
+    from raymim.data.pipeline import _cases_dataset
+
+    start = time.perf_counter()
+    ds = _cases_dataset(cases, 1).map(lambda r: {"n": _decode(r["case"])["n"][0]}, num_cpus=1)
+    ds.materialize()
+    return time.perf_counter() - start
+
+
+def _write_manifest(work: Path, names: list[str], file: str) -> Path:
+    manifest = work / "in" / file
+    manifest.write_text("image\n" + "\n".join(f"images/{n}" for n in names))
+    return manifest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--warmup-cases", type=int, default=4)
     ap.add_argument("--workdir", default="/tmp/raymim-bench")
     a = ap.parse_args()
+    import os
+
     import ray
 
     from raymim.config import PrepareConfig
-    from raymim.data.pipeline import _cases_dataset, ensure_ray, prepare
+    from raymim.data.pipeline import ensure_ray, prepare
     from raymim.data.synth import generate_phantoms
-    from raymim.io.discover import discover_cases
 
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
-    manifest = generate_phantoms(work / "in", a.cases, size=a.size, seed=0)
-    in_mb = sum(p.stat().st_size for p in (work / "in" / "images").iterdir()) / 1e6
-    cfg = PrepareConfig(crop_size=[64, 64, 64], crops_per_volume=4)
-    ensure_ray()
-    # (b) decode-only on all cores with the same reader
-    start = time.perf_counter()
-    cases = [{"image": c["image"]} for c in discover_cases(manifest)]
-    ds = _cases_dataset(cases, 1).map(lambda r: {"n": _decode(r["case"])["n"][0]}, num_cpus=1)
-    ds.materialize()
-    t_decode = time.perf_counter() - start
-    # raymim prepare (image only: same input bytes as the other two)
-    img_manifest = work / "in" / "images.csv"
+    generate_phantoms(work / "in", a.cases, size=a.size, seed=0)
     names = sorted(p.name for p in (work / "in" / "images").iterdir())
-    img_manifest.write_text("image\n" + "\n".join(f"images/{n}" for n in names))
-    summary = prepare(img_manifest, work / "out", cfg, progress=False)
-    t_prepare = summary["seconds"]
-    (work / "base").mkdir()
-    t_base = _baseline(img_manifest, work / "base", cfg, b"bench")
-    res = {"cases": a.cases, "size": a.size, "input_mb": round(in_mb, 1), "cpus": ray.cluster_resources()["CPU"]}
-    for name, t in (("prepare", t_prepare), ("monai_dataloader", t_base), ("decode_only", t_decode)):
-        res[name] = {"s": round(t, 2), "vol_per_s": round(a.cases / t, 2), "mb_per_s": round(in_mb / t, 2)}
-    res["prepare_vs_dataloader"] = round(t_base / t_prepare, 2)
-    res["prepare_vs_decode"] = round(t_decode / t_prepare, 2)
+    in_mb = sum((work / "in" / "images" / n).stat().st_size for n in names) / 1e6
+    cfg = PrepareConfig(crop_size=[64, 64, 64], crops_per_volume=4)
+    # image only: the same input bytes for all three variants
+    img_manifest = _write_manifest(work, names, "images.csv")
+    warm_manifest = _write_manifest(work, names[: a.warmup_cases], "warmup.csv")
+    all_cases = [{"image": str(work / "in" / "images" / n)} for n in names]
+    load = {"before": os.getloadavg()}
+    ensure_ray()
+
+    def run_prepare(manifest: Path, out: Path) -> float:
+        return prepare(manifest, out, cfg, progress=False)["seconds"]
+
+    def run_base(manifest: Path, out: Path) -> float:
+        out.mkdir(parents=True)
+        return _baseline(manifest, out, cfg, b"bench")
+
+    # warm-up: every variant once on a few cases (worker start-up and imports are not measured)
+    _timed_decode(all_cases[: a.warmup_cases])
+    run_prepare(warm_manifest, work / "warm-prep")
+    run_base(warm_manifest, work / "warm-base")
+    times: dict[str, list[float]] = {"prepare": [], "monai_dataloader": [], "decode_only": []}
+    for r in range(a.reps):  # interleaved; the minimum of each variant is reported
+        times["decode_only"].append(_timed_decode(all_cases))
+        times["prepare"].append(run_prepare(img_manifest, work / f"out-{r}"))
+        times["monai_dataloader"].append(run_base(img_manifest, work / f"base-{r}"))
+    load["after"] = os.getloadavg()
+    res = {"cases": a.cases, "size": a.size, "input_mb": round(in_mb, 1), "cpus": ray.cluster_resources()["CPU"],
+           "reps": a.reps, "loadavg": {k: [round(x, 1) for x in v] for k, v in load.items()}}
+    best = {k: min(v) for k, v in times.items()}
+    for name, t in best.items():
+        res[name] = {"s": round(t, 2), "vol_per_s": round(a.cases / t, 2), "mb_per_s": round(in_mb / t, 2),
+                     "all_s": [round(x, 2) for x in times[name]]}
+    res["prepare_vs_dataloader"] = round(best["monai_dataloader"] / best["prepare"], 2)
+    res["prepare_vs_decode"] = round(best["decode_only"] / best["prepare"], 2)
     print(json.dumps(res))
 
 

@@ -181,9 +181,65 @@ class MethodConfig:
     tau: float = 0.2
     # Output width of the projection heads used by the contrastive / alignment losses.
     proj_dim: int = 128
+    # AMS (adaptive masking strategy, raymim.masking.schedules): ratio over training progress.
+    # "constant" uses mask_ratio; the others go from mask_ratio_start to mask_ratio_end (None:
+    # mask_ratio), holding the start ratio for the first mask_warmup fraction of training.
+    mask_schedule: str = "constant"
+    mask_ratio_start: float | None = None
+    mask_ratio_end: float | None = None
+    mask_warmup: float = 0.0
+    mask_stages: int = 4  # number of plateaus of the "step" schedule
+    # MPS (masked patch selection, raymim.masking.selection). "online": k-means on the current
+    # encoder's patch features; "prior": the shards' lesion_prob column; "none": AMS only.
+    mps_mode: str = "online"
+    mps_clusters: int = 4
+    mps_every: int = 1  # online: refit the k-means every N steps (nearest centre in between)
+    mps_iters: int = 10  # k-means iterations per refit
+    mps_features: str = "embed"  # online descriptors: "embed" (patch embedding) or "tokens" (encoder)
+    mps_share: float = 1.0  # at most this share of the masked tokens comes from the lesion cluster
+    mps_threshold: float = 0.5  # prior mode: lesion_prob >= threshold marks a lesion-cluster patch
+    # MedIM (report-guided masking): "kdm" keyword attention or "sdm" one sentence's attention.
+    medim_mode: str = "kdm"
+    medim_low_share: float = 0.1  # share of masked tokens drawn from low-attention patches
+    medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
+    medim_align_weight: float = 1.0  # weight of the image-report alignment loss
+    text_dim: int = 96
+    text_layers: int = 1
+    text_max_len: int = 64
+    text_buckets: int = 4096  # hashed word-piece vocabulary of the built-in tokenizer
+    # HSSL / SimCLR: NT-Xent on two views + domain classification (+ masked reconstruction).
+    domains: list[str] | None = None  # domain vocabulary; None: built from the data as seen
+    max_domains: int = 16  # domain-head width when `domains` is None
+    contrast_weight: float = 1.0
+    domain_weight: float = 1.0
+    rec_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_range("method.mask_ratio", self.mask_ratio, 0.0, 1.0)
+        _check_choice("method.mask_schedule", self.mask_schedule, ("constant", "linear", "cosine", "step"))
+        for name in ("mask_ratio_start", "mask_ratio_end"):
+            if getattr(self, name) is not None:
+                _check_range(f"method.{name}", getattr(self, name), 0.0, 1.0)
+        _check_range("method.mask_warmup", self.mask_warmup, 0.0, 1.0, lo_open=False)
+        if self.mask_stages < 2:
+            raise ValueError(f"method.mask_stages should be >= 2, got {self.mask_stages}.")
+        _check_choice("method.mps_mode", self.mps_mode, ("online", "prior", "none"))
+        if self.mps_clusters < 2:
+            raise ValueError(f"method.mps_clusters should be >= 2, got {self.mps_clusters}.")
+        _check_positive("method.mps_every", self.mps_every)
+        _check_positive("method.mps_iters", self.mps_iters)
+        _check_choice("method.mps_features", self.mps_features, ("embed", "tokens"))
+        _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
+        _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
+        _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
+        _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
+        for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):
+            _check_positive(f"method.{name}", getattr(self, name))
+        for name in ("medim_align_weight", "contrast_weight", "domain_weight", "rec_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"method.{name} should be >= 0, got {getattr(self, name)}.")
+        if self.domains is not None and len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"method.domains should hold distinct names, got {self.domains}.")
         _check_choice("method.recon_loss", self.recon_loss, ("auto", "mse", "l1"))
         _check_positive("method.proj_dim", self.proj_dim)
         _check_positive("method.mask_block", self.mask_block)

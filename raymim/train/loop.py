@@ -85,6 +85,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                      None if np.isnan(gauss) else gauss))
 
 
+def _restore_state(fallback: str | None, cfg: RaymimConfig) -> dict[str, Any] | None:
+    """The newer of Ray Train's latest checkpoint and ``fallback`` (the newest complete checkpoint
+    the driver found on storage), so a checkpoint written just before the driver died still counts."""
+    import ray.train
+
+    states = []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            states.append(ckpt.read_state(d, cfg))
+    if fallback:
+        try:
+            states.append(ckpt.read_state(fallback, cfg))
+        except ckpt.CheckpointMismatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - partly written when the driver died
+            print(f"[raymim] ignoring unreadable checkpoint {fallback}: {exc}", flush=True)
+    return max(states, key=lambda s: int(s["step"])) if states else None
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -126,10 +146,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step, epoch, consumed = 0, 0, 0
     best = float("inf")
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = ckpt.read_state(d, cfg)
+    state = _restore_state(config.get("fallback_checkpoint"), cfg)
+    restored = state is not None
+    if state is not None:
         method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -143,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(tc.seed + rank)  # different augmentations / masks per rank
 
     log = RankZeroLogger(rank, config.get("mlflow_uri"), config.get("mlflow_run_id"), cfg, config.get("best_dir"))
-    if restored is None:
+    if not restored:
         log.note_start()
     shard = ray.train.get_dataset_shard("train")
     samples_per_step = effective_batch(tc, world)

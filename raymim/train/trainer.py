@@ -48,13 +48,18 @@ def default_storage() -> str:
     return str((DEFAULT_ROOT / "ray").resolve())
 
 
-def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> int:
-    """Refuse to resume from checkpoints written by another config; returns the latest step found."""
+def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> tuple[int, str | None]:
+    """Refuse to resume from checkpoints written by another config.
+
+    Returns the latest step found on storage and its directory. That directory is also handed to
+    the workers: a driver killed after a checkpoint reached storage but before Ray Train recorded
+    it in its run snapshot would otherwise restart from an older checkpoint, or from scratch.
+    """
     if "://" in storage:
-        return 0  # remote stores: the workers' read_state() makes the same check
+        return 0, None  # remote stores: the workers' read_state() makes the same check
     run_dir = Path(storage) / name
     want = model_config_hash(cfg)
-    latest = 0
+    latest, latest_dir = 0, None
     for meta_file in sorted(run_dir.glob(f"checkpoint_*/{META_FILE}")):
         meta = json.loads(meta_file.read_text())
         if meta.get("config_hash") != want:
@@ -63,8 +68,29 @@ def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> in
                 f"(hash {meta.get('config_hash')}, this config {want}); pass another --name to start a new run, "
                 "or the original config to resume it."
             )
-        latest = max(latest, int(meta.get("step", 0)))
-    return latest
+        if int(meta.get("step", 0)) > latest:
+            latest, latest_dir = int(meta.get("step", 0)), str(meta_file.parent)
+    return latest, latest_dir
+
+
+def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
+    """Delete checkpoint folders Ray Train's run snapshot does not list (left by a driver killed
+    between writing a checkpoint and recording it), so ``keep_checkpoints`` holds on disk too."""
+    if "://" in storage:
+        return []
+    import shutil
+
+    run_dir = Path(storage) / name
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return []
+    known = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])}
+    removed = []
+    for d in sorted(run_dir.glob("checkpoint_*")):
+        if d.is_dir() and d.name not in known:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
 
 
 def build_dataset(data: str, cfg: RaymimConfig):
@@ -129,7 +155,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
 
     name = name or cfg.name
     storage = storage or default_storage()
-    latest = check_existing_checkpoints(storage, name, cfg)
+    latest, latest_dir = check_existing_checkpoints(storage, name, cfg)
     if latest:
         print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
     if not ray.is_initialized():
@@ -142,7 +168,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
-                           "best_dir": f"{storage.rstrip('/')}/{name}/best"},
+                           "best_dir": f"{storage.rstrip('/')}/{name}/best", "fallback_checkpoint": latest_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -163,6 +189,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+    prune_orphan_checkpoints(storage, name)
     first, final = _metric_endpoints(uri, run_id)
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(name, run_id, uri, ckpt_path, first, final, tc.steps)

@@ -155,12 +155,13 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, shards, tmp_
 
 
 def test_streaming_from_raw_scans(ray_session, shards, tmp_path):
-    """--data pointing at raw scans: crops come from the preparation pipeline, no shards written."""
+    """--data pointing at raw scans: crops come from the preparation pipeline, no shards written
+    (with gradient accumulation over 2 micro-batches)."""
     from raymim.train.trainer import build_dataset, pretrain
 
     manifest = next((shards.parent / "phantoms").glob("manifest.*"))
     overrides = _overrides(tmp_path, steps=3, every=3) + ["prepare.crop_size=[32,32,32]",
-                                                          "prepare.crops_per_volume=2"]
+                                                          "prepare.crops_per_volume=2", "train.accumulation=2"]
     cfg = load_config(TINY, overrides)
     ds = build_dataset(str(manifest), cfg)
     assert ds.schema().names[0] == "image" and "case_id" not in ds.schema().names

@@ -1,0 +1,215 @@
+"""Masked patch selection (MPS): cluster a volume's patches, mask the lesion cluster first.
+
+Wang et al. (MPS-AMS) describe a descriptor per patch, a covariance / similarity matrix between
+the patches of an image, a clustering into ``k`` groups, and masking the group most likely to
+hold lesions; the formulas are not public. The rule used here, explicit:
+
+**Lesion-cluster rule (atypicality).** Standardise each descriptor feature over the patches of
+*one volume* (z-scores: the diagonal of the volume's patch covariance), so that the volume's
+mean patch is the origin. The atypicality of a cluster is the norm of its mean z-descriptor,
+i.e. the diagonal Mahalanobis distance between the cluster's mean patch and the volume's mean
+patch. The most atypical cluster is the lesion cluster. Why: a lesion is small and unlike the
+tissue around it, so the patches holding it are few and far from the bulk; large homogeneous
+regions (parenchyma, fat, air) form clusters near the mean because they *make* the mean. A
+per-patch lesion score is 1 on the lesion cluster and half the relative atypicality elsewhere
+(< 0.5, see :func:`lesion_scores`); it is a ranking, not a calibrated probability. Bone or sharp organ edges
+are atypical too and get masked early: masking hard, rare content first is the point of MPS
+either way.
+
+Masking (:func:`mps_masking`): lesion-cluster tokens (score >= ``threshold``) first, in random
+order, at most ``share`` of the masked tokens; random tokens fill up to the exact ratio.
+
+Shapes: ``desc: [N, L, F]``, ``scores: [N, L]`` in [0, 1], masks as in :mod:`raymim.masking.tokens`.
+
+Example::
+
+    >>> desc = patch_intensity_descriptors(torch.rand(2, 1, 32, 32, 32), patch=8)  # [2, 64, 5]
+    >>> assign, centres = kmeans(standardize(desc).flatten(0, 1), k=4)             # pooled
+    >>> scores = lesion_scores(standardize(desc), assign.view(2, 64), k=4)         # [2, 64]
+    >>> tm = mps_masking(scores, mask_ratio=0.6)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from raymim.masking.tokens import TokenMask, mask_from_scores, num_masked, patchify
+
+
+def patch_intensity_descriptors(imgs: torch.Tensor, patch: int) -> torch.Tensor:
+    """Intensity statistics per patch: [N, C, D, H, W] -> [N, L, 5] (mean, std, min, max, |grad|).
+
+    ``|grad|`` is the patch's mean absolute difference to its 6 neighbouring patches' means
+    (local contrast: a lesion differs from its surroundings, a large organ does not).
+    """
+    p = patchify(imgs.float(), patch)  # [N, L, p^3 C]
+    mean = p.mean(-1)
+    n = imgs.shape[0]
+    g = [s // patch for s in imgs.shape[2:]]
+    m = mean.view(n, 1, *g)
+    pad = F.pad(m, (1, 1, 1, 1, 1, 1), mode="replicate")
+    shifts = [
+        pad[:, :, 2:, 1:-1, 1:-1], pad[:, :, :-2, 1:-1, 1:-1],
+        pad[:, :, 1:-1, 2:, 1:-1], pad[:, :, 1:-1, :-2, 1:-1],
+        pad[:, :, 1:-1, 1:-1, 2:], pad[:, :, 1:-1, 1:-1, :-2],
+    ]  # fmt: skip
+    contrast = torch.stack([(m - s).abs() for s in shifts]).mean(0).view(n, -1)
+    return torch.stack([mean, p.std(-1), p.amin(-1), p.amax(-1), contrast], dim=-1)
+
+
+def standardize(desc: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-volume z-scores of each feature: [N, L, F] -> [N, L, F] (volume mean patch at 0)."""
+    mu = desc.mean(dim=1, keepdim=True)
+    sd = desc.std(dim=1, keepdim=True)
+    return (desc - mu) / (sd + eps)
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on the device of ``x``: [M, F] -> (assign [M] long, centres [k, F]).
+
+    k-means++ seeding unless ``init`` [k, F] is given (warm start from the last refit); an
+    empty cluster is re-seeded at the point farthest from its centre.
+    """
+    x = x.float()
+    m = x.shape[0]
+    k = min(k, m)
+    if init is not None:
+        centres = init.to(x).clone()
+    else:
+        first = torch.randint(m, (1,), generator=generator, device="cpu").item()
+        centres = x[first : first + 1]
+        for _ in range(1, k):
+            d2 = torch.cdist(x, centres).pow(2).amin(1)  # [M]
+            probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / m)
+            idx = torch.multinomial(probs.cpu(), 1, generator=generator).item()
+            centres = torch.cat([centres, x[idx : idx + 1]])
+    assign = torch.cdist(x, centres).argmin(1)
+    for _ in range(iters):
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype).unsqueeze(1)
+        new = sums / counts.clamp_min(1.0)
+        empty = counts.squeeze(1) == 0
+        if bool(empty.any()):
+            far = torch.cdist(x, new).amin(1).argmax()
+            new[empty] = x[far]
+        centres = new
+        new_assign = torch.cdist(x, centres).argmin(1)
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+    return assign, centres
+
+
+def cluster_atypicality(z: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Norm of each cluster's mean z-descriptor, per volume: z [N, L, F], assign [N, L] -> [N, k].
+
+    Clusters absent from a volume get -1. Labels outside [0, k) (e.g. DBSCAN noise, -1) must be
+    remapped by the caller.
+    """
+    n, _, f = z.shape
+    one_hot = F.one_hot(assign.long(), k).to(z.dtype)  # [N, L, k]
+    counts = one_hot.sum(1)  # [N, k]
+    means = torch.einsum("nlk,nlf->nkf", one_hot, z) / counts.clamp_min(1.0).unsqueeze(-1)
+    atyp = means.norm(dim=-1) / (f**0.5)
+    return torch.where(counts > 0, atyp, torch.full_like(atyp, -1.0))
+
+
+def lesion_scores(z: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-patch lesion score in [0, 1]: 1 for the lesion cluster, below 0.5 for the others.
+
+    z: [N, L, F] standardised descriptors, assign: [N, L] cluster ids in [0, k). The lesion
+    cluster (most atypical) scores exactly 1; another cluster scores half its atypicality over
+    the lesion cluster's (< 0.5), so ``threshold=0.5`` selects exactly the lesion cluster while
+    the stored column still ranks the rest.
+    """
+    atyp = cluster_atypicality(z, assign, k)  # [N, k], -1 for absent clusters
+    top = atyp.amax(1, keepdim=True)
+    rel = 0.5 * atyp.clamp_min(0.0) / top.clamp_min(1e-12)  # other clusters: [0, 0.5]
+    rel = torch.where(atyp >= top, torch.ones_like(rel), rel.clamp_max(0.499))
+    return torch.gather(rel, 1, assign.long())  # [N, L]
+
+
+def mps_masking(
+    scores: torch.Tensor,
+    mask_ratio: float,
+    share: float = 1.0,
+    threshold: float = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+) -> TokenMask:
+    """Mask lesion-cluster tokens first, then random ones, at an exact ratio.
+
+    scores: [N, L] lesion scores (>= ``threshold`` marks the lesion cluster). At most
+    ``round(share * n_mask)`` masked tokens come from the lesion cluster (a random subset when
+    it is larger); the rest are uniform over the remaining tokens.
+    """
+    n, length = scores.shape
+    n_mask = num_masked(length, mask_ratio)
+    cap = int(round(share * n_mask))
+    noise = torch.rand(n, length, generator=generator).to(scores.device)
+    lesion = scores >= threshold
+    # Rank lesion tokens by noise among themselves; keep the first `cap` as "masked first".
+    lesion_noise = torch.where(lesion, noise, torch.full_like(noise, 2.0))
+    rank = torch.argsort(torch.argsort(lesion_noise, dim=1), dim=1)
+    first = lesion & (rank < cap)
+    return mask_from_scores(noise - 2.0 * first.to(noise.dtype), n_mask)
+
+
+def mps_cube_scores(
+    scores: torch.Tensor,
+    grid: Sequence[int],
+    block: int,
+    share: float = 1.0,
+    threshold: float = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Token order for masking whole ``block^3`` cubes, lesion cubes first: [N, L] (low = first).
+
+    A cube is a lesion cube when any of its tokens scores >= ``threshold``; lesion cubes come
+    first (random order, at most ``share`` of the cubes), then the others in random order. Feed
+    the result to :func:`raymim.masking.tokens.mask_from_scores` (MiM levels with MPS).
+    """
+    gd, gh, gw = (int(g) for g in grid)
+    if gd % block or gh % block or gw % block:
+        raise ValueError(f"block={block} should divide the token grid {tuple(grid)}.")
+    n = scores.shape[0]
+    s = scores.view(n, 1, gd, gh, gw)
+    cube = F.max_pool3d(s, block).flatten(1)  # [N, cubes]
+    n_cubes = cube.shape[1]
+    noise = torch.rand(n, n_cubes, generator=generator).to(scores.device)
+    lesion = cube >= threshold
+    cap = int(round(share * n_cubes))
+    rank = torch.argsort(torch.argsort(torch.where(lesion, noise, torch.full_like(noise, 2.0)), 1), 1)
+    key = noise - 2.0 * (lesion & (rank < cap)).to(noise.dtype)
+    order = torch.argsort(torch.argsort(key, 1), 1).to(scores.dtype)  # cube rank [N, cubes]
+    cd, ch, cw = gd // block, gh // block, gw // block
+    per_token = F.interpolate(order.view(n, 1, cd, ch, cw), scale_factor=block, mode="nearest")
+    jitter = torch.rand(n, gd * gh * gw, generator=generator).to(scores.device) * 0.5
+    return per_token.reshape(n, -1) + jitter
+
+
+def lesion_token_mask(label: torch.Tensor, patch: int, lesion_label: int = 8) -> torch.Tensor:
+    """Which tokens hold lesion voxels: label [N, 1, D, H, W] -> [N, L] bool (for evaluation)."""
+    return patchify((label == lesion_label).float(), patch).amax(-1) > 0
+
+
+__all__ = [
+    "cluster_atypicality",
+    "kmeans",
+    "lesion_scores",
+    "lesion_token_mask",
+    "mps_cube_scores",
+    "mps_masking",
+    "patch_intensity_descriptors",
+    "standardize",
+]
