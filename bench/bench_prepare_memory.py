@@ -107,7 +107,8 @@ def _child(manifest: str, warm: str, out: str, shard_mb: int, crop: int) -> None
     mb = 1 / 2**20
     print("RESULT " + json.dumps({
         "cases": summary["cases"], "ok": summary["ok"], "crops": summary["crops"], "shards": summary["shards"],
-        "seconds": summary["seconds"], "baseline_pss_mb": round(base_pss * mb), "peak_pss_mb": round(sampler.peak_pss * mb),
+        "seconds": summary["seconds"], "baseline_pss_mb": round(base_pss * mb),
+        "peak_pss_mb": round(sampler.peak_pss * mb),
         "baseline_rss_mb": round(base_rss * mb), "peak_rss_mb": round(sampler.peak_rss * mb),
         "max_procs": sampler.max_procs, "samples": sampler.samples}), flush=True)
 

@@ -23,18 +23,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# name -> (row-group bytes, image compression, dictionary encoding of the tensor columns)
+# name -> (row-group bytes, image compression, dictionary encoding of the tensor columns, label compression)
 LAYOUTS = {
-    "current": (None, "none", False),
-    "rg8mb": (8 << 20, "none", False),
-    "rg128mb": (128 << 20, "none", False),
-    "img_lz4": (None, "lz4", False),
-    "img_zstd": (None, "zstd", False),
-    "dict_on": (None, "none", True),
+    "current": (None, "none", False, "zstd"),
+    "label_uncompressed": (None, "none", False, "none"),  # what write_shard wrote before the leaf-path fix
+    "rg8mb": (8 << 20, "none", False, "zstd"),
+    "rg128mb": (128 << 20, "none", False, "zstd"),
+    "img_lz4": (None, "lz4", False, "zstd"),
+    "img_zstd": (None, "zstd", False, "zstd"),
+    "dict_on": (None, "none", True, "zstd"),
 }
 
 
-def rewrite(files: list[str], dest: Path, rg_bytes: int | None, img_comp: str, tensor_dict: bool) -> None:
+def rewrite(files: list[str], dest: Path, rg_bytes: int | None, img_comp: str, tensor_dict: bool,
+            label_comp: str) -> None:
     from raymim.data import shards
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -43,8 +45,9 @@ def rewrite(files: list[str], dest: Path, rg_bytes: int | None, img_comp: str, t
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         tensor_cols = [x.name for x in table.schema if isinstance(x.type, pa.FixedShapeTensorType)]
         strings = [x.name for x in table.schema if pa.types.is_string(x.type)]
-        comp = {name: "zstd" for name in table.column_names}
-        comp["image"] = img_comp
+        comp = {shards._leaf_path(x): "zstd" for x in table.schema}
+        comp[shards._leaf_path(table.schema.field("image"))] = img_comp
+        comp[shards._leaf_path(table.schema.field("label"))] = label_comp
         pq.write_table(table, dest / Path(f).name,
                        row_group_size=max(1, (rg_bytes or shards.ROW_GROUP_BYTES) // row_bytes),
                        compression=comp, use_dictionary=strings + (tensor_cols if tensor_dict else []),
@@ -127,8 +130,7 @@ def main() -> None:
                                 "read_table_mb_s": round(nbytes / 1e6 / t_arrow, 1),
                                 "iter_torch_batches_mb_s": round(nbytes / 1e6 / t_ray, 1),
                                 "ratio": round(t_arrow / t_ray, 3),
-                                "all_s": {"read_table": [round(x, 2) for x in times[(name, "read_table")]],
-                                          "iter_torch_batches": [round(x, 2) for x in times[(name, "iter_torch_batches")]]}}
+                                "all_s": {r: [round(x, 2) for x in times[(name, r)]] for r in readers}}
     print(json.dumps(res))
 
 

@@ -58,12 +58,22 @@ def _summarise(windows: list[dict], skip: int) -> dict:
     def med(ws, key):
         return round(statistics.median(w[key] for w in ws), 4) if ws else None
 
+    def mean_wait(ws):
+        return round(statistics.fmean(w["data_wait_frac"] for w in ws), 4) if ws else None
+
+    # time-weighted over all steady windows, epoch boundaries included: a window's time is
+    # proportional to steps / rate, so the overall rate is the step-weighted harmonic mean
+    n_steps = {w["step"]: w["step"] - p["step"] for p, w in zip(windows, windows[1:])}
+    rel_t = [n_steps[w["step"]] / w["samples_per_s"] for w in steady]
+    overall = sum(n_steps[w["step"]] for w in steady) / sum(rel_t)
+    wait_overall = sum(t * w["data_wait_frac"] for t, w in zip(rel_t, steady)) / sum(rel_t)
     return {"windows": len(steady), "samples_per_s_median": med(steady, "samples_per_s"),
+            "samples_per_s_overall": round(overall, 4), "data_wait_frac_overall": round(wait_overall, 4),
             "samples_per_s_inner_epoch": med(inner, "samples_per_s"),
             "data_wait_frac_median": med(steady, "data_wait_frac"),
             "data_wait_frac_mean": round(statistics.fmean(w["data_wait_frac"] for w in steady), 4),
-            "data_wait_frac_inner_epoch_mean": round(statistics.fmean(w["data_wait_frac"] for w in inner), 4) if inner else None,
-            "data_wait_frac_epoch_boundary_mean": round(statistics.fmean(w["data_wait_frac"] for w in edge), 4) if edge else None,
+            "data_wait_frac_inner_epoch_mean": mean_wait(inner),
+            "data_wait_frac_epoch_boundary_mean": mean_wait(edge),
             "epoch_boundary_windows": len(edge), "epochs": windows[-1]["epoch"] + 1}
 
 

@@ -103,6 +103,12 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
+def _leaf_path(field: pa.Field) -> str:
+    """The Parquet column path of a (flat or fixed-size-list) Arrow field."""
+    storage = field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type
+    return f"{field.name}.list.element" if pa.types.is_fixed_size_list(storage) else field.name
+
+
 def write_shard(table: pa.Table, path: Path, commit: dict[str, Any]) -> int:
     """Write ``table`` to ``path`` atomically with ``commit`` in its metadata; returns bytes."""
     meta = dict(table.schema.metadata or {})
@@ -113,8 +119,10 @@ def write_shard(table: pa.Table, path: Path, commit: dict[str, Any]) -> int:
     tmp = _tmp(path)
     tensor_cols = [f.name for f in table.schema if isinstance(f.type, pa.FixedShapeTensorType)]
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    compression = {name: "zstd" for name in table.column_names}
-    compression["image"] = "none"
+    # keyed by Parquet leaf path: a tensor / fixed-size-list column's leaf is "<name>.list.element",
+    # and a key that names no leaf is silently ignored (it left ``label`` uncompressed before)
+    compression = {_leaf_path(f): "zstd" for f in table.schema}
+    compression[_leaf_path(table.schema.field("image"))] = "none"
     pq.write_table(
         table,
         tmp,

@@ -10,7 +10,7 @@ Example::
     >>> method = build_method("mim", config)
 """
 
-from raymim.methods import mae, mim, simmim  # noqa: F401  (registers the methods)
+from raymim.methods import hssl, mae, medim, mim, mps_ams, simmim  # noqa: F401  (registers the methods)  # noqa: F401  (lesion/report/domain-aware methods)
 from raymim.methods.base import MethodOutput, PretrainMethod, build_method, list_methods, register_method
 from raymim.methods.mae import MAE
 from raymim.methods.mim import MiM

@@ -16,6 +16,11 @@ CASES = [
     ("simmim", "convvit"),
     ("mim", "vit"),
     ("mim", "convvit"),
+    ("mps_ams", "vit"),
+    ("mps_ams", "convvit"),
+    ("medim", "vit"),
+    ("hssl", "vit"),
+    ("simclr", "vit"),
 ]
 
 

@@ -14,7 +14,9 @@ from .conftest import CASES, tiny_config
 # Metric that must fall 10x when overfitting one volume. MiM's total also holds alpha * L_C, an
 # InfoNCE over parent tokens whose floor (neighbouring tokens of the same cube are near-duplicates)
 # is far from 0, so the order-of-magnitude check applies to its reconstruction term L_R.
-OVERFIT_METRIC = {"mim": "loss_rec"}
+OVERFIT_METRIC = {"mim": "loss_rec", "mps_ams": "loss_rec"}
+# MedIM adds an alignment term, HSSL / SimCLR contrastive (and domain) terms with floors > 0.
+OVERFIT_METRIC.update(medim="loss_rec", hssl="loss_rec", simclr="loss_rec")
 # SimMIM's paper loss is L1; an order of magnitude in L1 is two in MSE, so the overfit check
 # compares every method on the same (MSE) scale.
 OVERFIT_OVERRIDES: dict[str, dict] = {"simmim": {"recon_loss": "mse"}}

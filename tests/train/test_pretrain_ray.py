@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
     assert {"encoder/encoder.pt", "encoder/config.yaml"} <= {
         a.path for a in client.list_artifacts(res.mlflow_run_id, "encoder")}
     # the last k checkpoints are kept, plus the best one
-    kept = sorted(p.name for p in (storage / name).glob("checkpoint_*"))
+    kept = sorted(p.name for p in (storage / name).glob("checkpoint_step*") if p.is_dir())
     assert kept[-1] == f"checkpoint_step{steps:08d}" and len(kept) <= cfg.train.keep_checkpoints
     assert (storage / name / "best" / "encoder.pt").is_file()
 

@@ -1,0 +1,155 @@
+"""HSSL: multi-domain pretraining, contrastive (NT-Xent) + domain classification; and SimCLR.
+
+HSSL (seed paper): pool unlabelled scans from several domains (datasets, sites, body regions)
+and pretrain an encoder-decoder with a contrastive loss plus a loss for *which domain* a sample
+came from. Here, per crop:
+
+* two augmented views (random flips per axis, intensity scale / shift, Gaussian noise), each
+  masked MAE-style at ``method.mask_ratio`` (masking is one more augmentation and keeps the
+  encoder visible-only);
+* NT-Xent (Chen et al., SimCLR, ICML 2020; temperature ``method.tau``) between the projected,
+  mean-pooled *decoder* features of the two views (the encoder-decoder's features);
+* domain classification: a linear head on the mean + std pooled encoder latent, cross-entropy against the
+  batch's ``domain`` strings mapped to ids by ``method.domains`` or, when unset, by a vocabulary
+  built from the data as seen (saved in the state dict, at most ``method.max_domains``; unknown
+  or missing domains are ignored);
+* masked reconstruction of both views (the decoder's job), weight ``method.rec_weight``.
+
+``L = rec_weight * L_rec + contrast_weight * L_NT-Xent + domain_weight * L_domain``.
+
+``"simclr"`` is the contrastive part alone (no domain head), the baseline of the MPS-AMS
+paper; it keeps the masked reconstruction term (set ``method.rec_weight=0`` for pure SimCLR,
+which needs a batch of at least 2).
+
+Example::
+
+    >>> out = build_method("hssl", cfg)({"image": torch.rand(4, 1, 32, 32, 32),
+    ...                                  "domain": ["site0", "site1", "site0", "site2"]})
+    >>> out.metrics["loss_domain"], out.metrics["domain_acc"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymim.config import RaymimConfig
+from raymim.masking.tokens import random_masking
+from raymim.methods.base import MethodOutput, register_method
+from raymim.methods.mae import MAE
+from raymim.models.heads import ProjectionHead
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """NT-Xent over 2N views: z1, z2 [N, P] (row i of each is a positive pair); 0 when N == 1."""
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)  # [2N, P]
+    n = z1.shape[0]
+    sim = z @ z.t() / tau
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def augment_view(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random view of x [N, C, D, H, W]: per-sample flips, intensity scale / shift, noise."""
+    n = x.shape[0]
+    out = x.clone()
+    flips = torch.rand(n, 3, generator=generator) < 0.5
+    for i in range(n):
+        dims = [2 + a for a in range(3) if flips[i, a]]
+        if dims:
+            out[i] = out[i : i + 1].flip(dims)[0]
+    scale = (1.0 + 0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) - 0.5)).to(x)
+    shift = (0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) - 0.5)).to(x)
+    # Light noise: the domain head must still see a site's own noise level and contrast.
+    noise = (0.003 * torch.randn(x.shape, generator=generator)).to(x)
+    return out * scale + shift + noise
+
+
+@register_method("hssl")
+class HSSL(MAE):
+    """Two masked views -> encoder -> decoder; NT-Xent + domain head + masked reconstruction."""
+
+    use_domain = True
+
+    def __init__(self, config: RaymimConfig) -> None:
+        super().__init__(config)
+        m, mc = config.model, config.method
+        self.proj = ProjectionHead(m.decoder_hidden_size, mc.proj_dim)
+        self.domain_names: list[str] = list(mc.domains) if mc.domains else []
+        self.fixed_domains = mc.domains is not None
+        width = len(self.domain_names) if self.fixed_domains else mc.max_domains
+        self.domain_head = nn.Linear(2 * m.hidden_size, max(width, 1)) if self.use_domain else None
+
+    # The domain vocabulary travels with the weights (a data-built one differs per dataset).
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"domain_names": list(self.domain_names)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.domain_names = list(state.get("domain_names", self.domain_names))
+
+    def domain_ids(self, domains: list[str | None] | None, device: torch.device) -> torch.Tensor | None:
+        """Domain strings -> ids [N] (-100 = ignored); grows the vocabulary when not fixed."""
+        if not domains or self.domain_head is None:
+            return None
+        ids = []
+        for d in domains:
+            if d is not None and d not in self.domain_names and not self.fixed_domains:
+                if len(self.domain_names) < self.domain_head.out_features:
+                    self.domain_names.append(d)
+            ids.append(self.domain_names.index(d) if d in self.domain_names else -100)
+        return torch.tensor(ids, device=device)
+
+    @staticmethod
+    def pool(tokens: torch.Tensor) -> torch.Tensor:
+        """[N, K, D] -> [N, 2D]: mean and std over tokens (a site's noise shows in the spread)."""
+        return torch.cat([tokens.mean(dim=1), tokens.std(dim=1)], dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> MethodOutput:
+        mc = self.config.method
+        imgs = self.fit_input(batch["image"])
+        n = imgs.shape[0]
+        views = torch.cat([augment_view(imgs), augment_view(imgs)])  # [2N, ...]
+        tm = random_masking(2 * n, self.encoder.num_tokens, mc.mask_ratio, device=imgs.device)
+        latent = self.forward_encoder(views, tm)  # [2N, K, hidden]
+        pred, feats = self.forward_decoder(latent, tm.ids_restore)
+        loss_rec = self.forward_loss(views, pred, tm.mask)
+        proj = self.proj(feats.mean(dim=1))  # [2N, P]
+        loss_con = nt_xent(proj[:n], proj[n:], mc.tau)
+        loss = mc.rec_weight * loss_rec + mc.contrast_weight * loss_con
+        metrics = {"loss_rec": float(loss_rec.detach()), "loss_contrast": float(loss_con.detach()),
+                   "mask_ratio": float(tm.mask.mean())}
+        ids = self.domain_ids(batch.get("domain"), imgs.device)
+        if self.domain_head is not None:
+            loss_dom = loss.new_zeros(())
+            if ids is not None and bool((ids >= 0).any()):
+                logits = self.domain_head(self.pool(latent))  # [2N, D]
+                target = ids.repeat(2)
+                loss_dom = F.cross_entropy(logits, target, ignore_index=-100)
+                valid = target >= 0
+                metrics["domain_acc"] = float((logits.argmax(1)[valid] == target[valid]).float().mean())
+            loss = loss + mc.domain_weight * loss_dom
+            metrics["loss_domain"] = float(loss_dom.detach())
+        metrics["loss"] = float(loss.detach())
+        visuals = self.reconstruction_visuals(views[:n], pred[:n].detach(), tm.mask[:n])
+        return MethodOutput(loss, metrics, visuals)
+
+    @torch.no_grad()
+    def predict_domain(self, image: torch.Tensor) -> list[str]:
+        """Domain names predicted from the unmasked encoder (evaluation of the domain head)."""
+        logits = self.domain_head(self.pool(self.encoder.forward_tokens(self.fit_input(image))))
+        names = self.domain_names
+        return [names[i] if i < len(names) else "?" for i in logits.argmax(1).tolist()]
+
+
+@register_method("simclr")
+class SimCLR(HSSL):
+    """HSSL's contrastive part alone (NT-Xent on two views, no domain head)."""
+
+    use_domain = False
+
+
+__all__ = ["HSSL", "SimCLR", "nt_xent"]

@@ -1,0 +1,53 @@
+"""mps_ams: AMS ratio in the metrics, prior / online selection on phantoms, MiM levels."""
+
+from __future__ import annotations
+
+import torch
+
+from raymim.config import ModelConfig
+from raymim.masking.selection import lesion_token_mask
+from raymim.methods import build_method
+
+from .conftest import tiny_config
+from .phantoms import lesion_masking_factor, phantom_batch
+
+
+def test_schedule_drives_the_mask_ratio(volume: torch.Tensor):
+    cfg = tiny_config("mps_ams", levels=1, mask_schedule="linear", mask_ratio_start=0.5, mask_ratio_end=0.875,
+                      mps_mode="none")
+    method = build_method("mps_ams", cfg)
+    seen = []
+    for step in (0, 5, 10):
+        method.set_progress(step, 10)
+        out = method({"image": volume})
+        seen.append((out.metrics["mask_ratio_target"], out.metrics["mask_ratio"]))
+    assert seen[0] == (0.5, 0.5) and seen[-1] == (0.875, 0.875)
+    assert seen[0][0] < seen[1][0] < seen[2][0]
+
+
+def test_online_selection_masks_lesion_patches_first():
+    torch.manual_seed(0)
+    img, lab, _ = phantom_batch(12)
+    cfg = tiny_config("mps_ams", levels=1, mask_ratio=0.1, mps_mode="online", mps_clusters=4)
+    cfg.model = ModelConfig(img_size=32, patch_size=4, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
+                            decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
+    method = build_method("mps_ams", cfg)
+    with torch.no_grad():
+        scores = method.online_scores(img)
+        out = method.mask_from(scores, len(img), img.device, 0.1)
+    factor = lesion_masking_factor(out.mask, lesion_token_mask(lab, 4), 0.1)
+    print(f"online MPS (untrained encoder, patch embeddings) lesion masking factor: {factor:.2f}x")
+    assert factor >= 1.5
+
+
+def test_prior_column_and_mim_levels(volume: torch.Tensor):
+    batch = {"image": volume.repeat(2, 1, 1, 1, 1)}
+    prob = torch.zeros(2, 8**3)  # a stored 8^3 grid, resampled to the model's 4^3 grid
+    prob[:, :3] = 1.0
+    method = build_method("mps_ams", tiny_config("mps_ams", levels=1, mask_ratio=0.25, mps_mode="prior"))
+    out = method({**batch, "lesion_prob": prob})
+    assert out.metrics["mps_prior_missing"] == 0.0 and out.metrics["mps_masked_lesion_share"] > 0
+    assert method(batch).metrics["mps_prior_missing"] == 1.0  # no column: falls back to online
+    mim = build_method("mps_ams", tiny_config("mps_ams", mask_ratio=0.6, mps_mode="online"))  # 2 levels
+    out = mim(batch)
+    assert "loss_align" in out.metrics and "l2/recon" in out.visuals
