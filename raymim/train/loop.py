@@ -10,10 +10,12 @@ number of batches already consumed in the current epoch, and the RNG states. A r
 group (``FailureConfig``) or a re-submitted run with the same name picks the latest one up through
 ``ray.train.get_checkpoint()``.
 
-"Where in the data": every epoch iterates the shard with a local shuffle seeded by
-``(seed, epoch)``; on resume the loop skips the batches the checkpoint says were consumed. With
-several workers Ray Data's streaming split assigns blocks dynamically, so the skipped batches are
-the same *count*, not always the same rows.
+"Where in the data": the driver hands over a dataset in which one pass covers
+``epochs_per_pass`` epochs (restarting the shard iterator every epoch stalls the workers); every
+pass iterates the shard with a local shuffle seeded by ``(seed, pass)``, and on resume the loop
+skips the batches the checkpoint says were consumed in the current pass. With several workers Ray
+Data's streaming split assigns blocks dynamically, so the skipped batches are the same *count*,
+not always the same rows. The ``epoch`` metric counts passes x ``epochs_per_pass``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,9 +88,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                      None if np.isnan(gauss) else gauss))
 
 
-def _restore_state(fallback: str | None, cfg: RaymimConfig) -> dict[str, Any] | None:
-    """The newer of Ray Train's latest checkpoint and ``fallback`` (the newest complete checkpoint
-    the driver found on storage), so a checkpoint written just before the driver died still counts."""
+def _restore_state(run_dir: str | None, cfg: RaymimConfig) -> dict[str, Any] | None:
+    """The newest of Ray Train's latest checkpoint and the checkpoints found in ``run_dir`` (local
+    storage), so a checkpoint that reached storage just before a worker or the driver died, but
+    that Ray Train had not recorded yet, still counts. Unreadable (partly copied) ones are skipped."""
     import ray.train
 
     states = []
@@ -95,13 +99,17 @@ def _restore_state(fallback: str | None, cfg: RaymimConfig) -> dict[str, Any] | 
     if restored is not None:
         with restored.as_directory() as d:
             states.append(ckpt.read_state(d, cfg))
-    if fallback:
+    on_disk = sorted(Path(run_dir).glob("checkpoint_step*"), reverse=True) if run_dir else []
+    for d in on_disk:
+        if states and int(states[0]["step"]) >= int(d.name.removeprefix("checkpoint_step") or 0):
+            break
         try:
-            states.append(ckpt.read_state(fallback, cfg))
+            states.append(ckpt.read_state(d, cfg))
+            break
         except ckpt.CheckpointMismatchError:
             raise
-        except Exception as exc:  # noqa: BLE001 - partly written when the driver died
-            print(f"[raymim] ignoring unreadable checkpoint {fallback}: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - partly written when its writer died
+            print(f"[raymim] ignoring unreadable checkpoint {d}: {exc}", flush=True)
     return max(states, key=lambda s: int(s["step"])) if states else None
 
 
@@ -146,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step, epoch, consumed = 0, 0, 0
     best = float("inf")
-    state = _restore_state(config.get("fallback_checkpoint"), cfg)
+    state = _restore_state(config.get("run_dir"), cfg)
     restored = state is not None
     if state is not None:
         method.load_state_dict(state["model"])
@@ -165,6 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not restored:
         log.note_start()
     shard = ray.train.get_dataset_shard("train")
+    per_pass = int(config.get("epochs_per_pass", 1))  # `epoch` below counts passes over the shard
     samples_per_step = effective_batch(tc, world)
     sums: dict[str, float] = defaultdict(float)
     window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
@@ -180,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_ready = time.perf_counter()
         for batch in batches:
             seen += 1
-            if seen <= consumed:  # resuming mid-epoch: these batches were trained on already
+            if seen <= consumed:  # resuming mid-pass: these batches were trained on already
                 t_ready = time.perf_counter()
                 continue
             wait += time.perf_counter() - t_ready
@@ -229,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 metrics = {k: v / window_steps for k, v in sums.items()}
                 metrics.update(lr=sched.get_last_lr()[0], samples_per_s=samples_per_step * window_steps / elapsed,
-                               data_wait_frac=window_wait / elapsed, epoch=epoch)
+                               data_wait_frac=window_wait / elapsed, epoch=epoch * per_pass)
                 log.metrics(metrics, step)
                 sums.clear()
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
@@ -252,7 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "the training shard yielded no batch: fewer crops than num_workers x batch_size "
                 f"({world} x {tc.batch_size}); prepare more data or lower train.batch_size"
             )
-        if step < tc.steps:  # epoch exhausted; an unfinished accumulation is dropped
+        if step < tc.steps:  # pass exhausted; an unfinished accumulation is dropped
             opt.zero_grad(set_to_none=True)
             epoch += 1
             consumed = 0

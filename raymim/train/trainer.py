@@ -48,18 +48,17 @@ def default_storage() -> str:
     return str((DEFAULT_ROOT / "ray").resolve())
 
 
-def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> tuple[int, str | None]:
-    """Refuse to resume from checkpoints written by another config.
+def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> int:
+    """Refuse to resume from checkpoints written by another config; returns the latest step found.
 
-    Returns the latest step found on storage and its directory. That directory is also handed to
-    the workers: a driver killed after a checkpoint reached storage but before Ray Train recorded
-    it in its run snapshot would otherwise restart from an older checkpoint, or from scratch.
+    (The workers restore from the newest readable checkpoint on storage, including one Ray Train
+    had not recorded in its run snapshot when the previous driver or a worker died.)
     """
     if "://" in storage:
-        return 0, None  # remote stores: the workers' read_state() makes the same check
+        return 0  # remote stores: the workers' read_state() makes the same check
     run_dir = Path(storage) / name
     want = model_config_hash(cfg)
-    latest, latest_dir = 0, None
+    latest = 0
     for meta_file in sorted(run_dir.glob(f"checkpoint_*/{META_FILE}")):
         meta = json.loads(meta_file.read_text())
         if meta.get("config_hash") != want:
@@ -68,9 +67,8 @@ def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> tu
                 f"(hash {meta.get('config_hash')}, this config {want}); pass another --name to start a new run, "
                 "or the original config to resume it."
             )
-        if int(meta.get("step", 0)) > latest:
-            latest, latest_dir = int(meta.get("step", 0)), str(meta_file.parent)
-    return latest, latest_dir
+        latest = max(latest, int(meta.get("step", 0)))
+    return latest
 
 
 def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
@@ -93,21 +91,44 @@ def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
     return removed
 
 
+# A pass over the training data spans several epochs (a lazy union of the dataset with itself) so
+# the shard iterator is not restarted every epoch: each restart stalls the workers for seconds
+# (bench/RESULTS.md, "data wait"), which dominates runs whose epochs are short. A pass is capped at
+# this many micro-batches per worker, which bounds the batches a resumed run skips to find its place.
+PASS_BATCHES = 2000
+
+
+def epochs_per_pass(rows: int | None, cfg: RaymimConfig) -> int:
+    """How many epochs one iterator pass covers: enough for the whole run when it is short,
+    at most :data:`PASS_BATCHES` micro-batches per worker; 1 when the row count is unknown."""
+    tc = cfg.train
+    if not rows:
+        return 1
+    per_epoch = max(1, rows // (tc.num_workers * tc.batch_size))
+    needed = -(-tc.steps * tc.accumulation // per_epoch) + 1
+    return max(1, min(needed, PASS_BATCHES // per_epoch))
+
+
 def build_dataset(data: str, cfg: RaymimConfig):
     """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans (a folder,
     glob or manifest) run through the same preparation pipeline without writing shards. Only the
-    image and the optional columns a method may use are kept."""
+    image and the optional columns a method may use are kept; shards are repeated
+    :func:`epochs_per_pass` times per pass."""
     path = Path(data)
+    rows = None
     if (path / "manifest.json").is_file():
         from raymim.data.shards import read_shards
 
         ds = read_shards(str(path))
+        rows = json.loads((path / "manifest.json").read_text()).get("counts", {}).get("crops")
     else:
         from raymim.data.pipeline import crop_dataset
 
         ds = crop_dataset(data, cfg.prepare)
     names = set(ds.schema().names)
-    return ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
+    ds = ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
+    repeat = epochs_per_pass(rows, cfg)
+    return (ds.union(*([ds] * (repeat - 1))) if repeat > 1 else ds), repeat
 
 
 def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | None = None) -> tuple[str, str]:
@@ -155,20 +176,25 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
 
     name = name or cfg.name
     storage = storage or default_storage()
-    latest, latest_dir = check_existing_checkpoints(storage, name, cfg)
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())  # Ray Train wants an absolute local path
+    latest = check_existing_checkpoints(storage, name, cfg)
     if latest:
         print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
     tc = cfg.train
+    dataset, repeat = build_dataset(data, cfg)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
-                           "best_dir": f"{storage.rstrip('/')}/{name}/best", "fallback_checkpoint": latest_dir},
+                           "best_dir": f"{storage.rstrip('/')}/{name}/best",
+                           "run_dir": None if "://" in storage else f"{storage}/{name}",
+                           "epochs_per_pass": repeat},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -178,7 +204,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=extra_callbacks,
         ),
-        datasets={"train": build_dataset(data, cfg)},
+        datasets={"train": dataset},
     )
     import mlflow
 

@@ -163,8 +163,9 @@ def test_streaming_from_raw_scans(ray_session, shards, tmp_path):
     overrides = _overrides(tmp_path, steps=3, every=3) + ["prepare.crop_size=[32,32,32]",
                                                           "prepare.crops_per_volume=2", "train.accumulation=2"]
     cfg = load_config(TINY, overrides)
-    ds = build_dataset(str(manifest), cfg)
+    ds, repeat = build_dataset(str(manifest), cfg)
     assert ds.schema().names[0] == "image" and "case_id" not in ds.schema().names
+    assert repeat == 1  # the row count of raw scans is unknown before preparing them
     res = pretrain(cfg, str(manifest), name="streaming", storage=str(tmp_path / "ray"))
     assert res.final_loss is not None and res.checkpoint_path
     assert not list(tmp_path.rglob("*.parquet")), "streaming mode must not write shards"

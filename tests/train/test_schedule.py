@@ -48,3 +48,17 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
     opt = build_optimizer(model, TrainConfig(lr=1e-3, scale_lr=False), 1)
     assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_epochs_per_pass_covers_short_runs_and_caps_long_ones():
+    from raymim.config import load_config
+    from raymim.train.trainer import PASS_BATCHES, epochs_per_pass
+
+    tiny = load_config(None, ["train.steps=60", "train.batch_size=4", "train.num_workers=2"])
+    assert epochs_per_pass(96, tiny) == 6  # 12 batches per epoch: the whole run (5 epochs) in one pass
+    assert epochs_per_pass(None, tiny) == 1  # streaming: row count unknown
+    big = load_config(None, ["train.steps=45000", "train.batch_size=4", "train.accumulation=8",
+                             "train.num_workers=8"])
+    per_epoch = 40000 // 32
+    assert epochs_per_pass(40000, big) == PASS_BATCHES // per_epoch
+    assert epochs_per_pass(10**7, big) == 1
