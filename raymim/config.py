@@ -387,8 +387,12 @@ class TuneConfig:
     labelled: str | None = None
     finetune_steps: int = 20
     seed: int = 0
+    # Stop starting/continuing trials after this many seconds (None: no limit).
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget_s is not None:
+            _check_positive("tune.time_budget_s", self.time_budget_s)
         kinds = ("grid", "choice", "uniform", "loguniform", "randint")
         for key, spec in self.space.items():
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:

@@ -33,7 +33,10 @@ def ray_session():
         # other on a 2-core CI machine (DESIGN.md: "Cluster resources are not enough").
         ray.init(
             num_cpus=4,
-            include_dashboard=False,
+            # The dashboard serves the state API, which Ray Train V2's PlacementGroupCleaner
+            # uses to notice a dead controller; without it, Train runs of trials stopped by Tune
+            # leak their placement groups and later Ray Data tasks never get a CPU.
+            include_dashboard=True,
             log_to_driver=False,
             object_store_memory=512 * 1024 * 1024,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},

@@ -183,7 +183,8 @@ def sweep(cfg: RaymimConfig, data: str, labelled: str | None = None, name: str |
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, search_alg=_search_alg(cfg),
-                                        scheduler=_scheduler(cfg), max_concurrent_trials=cfg.tune.max_concurrent),
+                                        scheduler=_scheduler(cfg), max_concurrent_trials=cfg.tune.max_concurrent,
+                                        time_budget_s=cfg.tune.time_budget_s),
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )
     grid = tuner.fit()

@@ -72,7 +72,7 @@ def _overrides(tmp: Path) -> list[str]:
         # 2 parameters, 4 trials, one at a time so ASHA's rung comparisons are deterministic:
         # a trial with a useless LR reaches the step-2 rung with a worse loss than one before it.
         "tune.space={method.mask_ratio: {grid: [0.6, 0.75]}, train.lr: {grid: [0.003, 0.0000001]}}",
-        "tune.grace_period=2", "tune.max_concurrent=1", "tune.finetune_steps=4",
+        "tune.grace_period=2", "tune.max_concurrent=1", "tune.finetune_steps=4", "tune.time_budget_s=900",
         "finetune.val_fraction=0.25", "finetune.test_fraction=0.25", "finetune.fractions=[1.0]",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "mlflow.experiment=test-tune",
     ]
