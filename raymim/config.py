@@ -467,6 +467,11 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{path} should be true or false, got {value!r}.")
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
             raise ConfigError(f"{path} should be an integer, got {value!r}.")

@@ -47,6 +47,11 @@ def test_bad_values_are_named(override, needle):
     assert needle in str(exc.value)
 
 
+def test_exponent_without_dot_is_a_number():
+    cfg = load_config(None, ["train.lr=5e-4", "train.steps=1e3"])
+    assert cfg.train.lr == 5e-4 and cfg.train.steps == 1000
+
+
 def test_unknown_keys_rejected():
     with pytest.raises(ConfigError, match="mask_ration"):
         load_config(None, ["method.mask_ration=0.5"])
