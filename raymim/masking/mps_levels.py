@@ -18,16 +18,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from raymim.masking.multilevel import (
-    MiMLevel,
-    _randint,
-    _sample_children,
-    crop_resize,
-    cube_block,
-    level_box_sides,
-)
+from raymim.masking.multilevel import MiMLevel, mim_levels
 from raymim.masking.selection import mps_cube_scores
-from raymim.masking.tokens import block_masking, mask_from_scores, num_masked
+from raymim.masking.tokens import mask_from_scores, num_masked
 
 
 def mps_mim_levels(
@@ -46,37 +39,15 @@ def mps_mim_levels(
     generator: torch.Generator | None = None,
 ) -> list[MiMLevel]:
     """MiM levels for ``image`` [B, C, D, H, W]; ``score_fn(level-1 volumes) -> [B, L]`` lesion scores."""
-    if img_size % patch_size:
-        raise ValueError(f"img_size should be a multiple of patch_size={patch_size}, got {img_size}.")
-    batch = image.shape[0]
     grid = img_size // patch_size
-    sides = level_box_sides(image.shape[2:], level_sizes, levels)
-    boxes = torch.zeros(batch, 1, 6, dtype=torch.long)
-    for b in range(batch):
-        start = [_randint(int(dim) - sides[0] + 1, generator) for dim in image.shape[2:]]
-        boxes[b, 0] = torch.tensor(start + [s + sides[0] for s in start])
-    parents = torch.full((batch, 1), -1, dtype=torch.long)
-    tokens = torch.full((batch, 1), -1, dtype=torch.long)
-    out: list[MiMLevel] = []
     n_mask = num_masked(grid**3, mask_ratio)
-    for lvl in range(levels):
-        n = boxes.shape[1]
-        volumes = crop_resize(image, boxes, img_size)
-        has_children = lvl + 1 < levels
-        block = cube_block(sides[lvl], grid, sides[lvl + 1], mask_block) if has_children else mask_block
-        if has_children and n_mask < block**3:
-            raise ValueError(f"mask_ratio={mask_ratio} masks no whole {block}^3-token cube at level {lvl + 1}.")
-        if lvl == 0:
-            scores = score_fn(volumes)  # [B, L]
-            order = mps_cube_scores(scores, (grid,) * 3, block, share, threshold, generator=generator)
-            mask = mask_from_scores(order, n_mask)
-        else:
-            mask = block_masking(batch * n, (grid,) * 3, mask_ratio, block, generator=generator, device=image.device)
-        level = MiMLevel(volumes, mask, boxes, parents, tokens, block)
-        out.append(level)
-        if has_children:
-            boxes, parents, tokens = _sample_children(level, batch, sides[lvl], grid, sides[lvl + 1], gamma, generator)
-    return out
+
+    def level1_mask(volumes: torch.Tensor, block: int):
+        order = mps_cube_scores(score_fn(volumes), (grid,) * 3, block, share, threshold, generator=generator)
+        return mask_from_scores(order, n_mask)
+
+    return mim_levels(image, img_size, patch_size, level_sizes, mask_ratio, gamma, levels, mask_block,
+                      generator=generator, level1_mask=level1_mask)
 
 
 __all__ = ["mps_mim_levels"]

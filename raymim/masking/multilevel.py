@@ -31,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -136,11 +136,14 @@ def mim_levels(
     mask_block: int = 1,
     *,
     generator: torch.Generator | None = None,
+    level1_mask: Callable[[torch.Tensor, int], TokenMask] | None = None,
 ) -> list[MiMLevel]:
     """Build the MiM level hierarchy for a batch ``image`` [B, C, D, H, W].
 
     Returns one :class:`MiMLevel` per level; level 1 has one volume per sample, every further
     level ``gamma`` per sample. Masks have exactly ``round(L * mask_ratio)`` removed tokens.
+    ``level1_mask(volumes, block) -> TokenMask`` replaces level 1's random cube masking (masked
+    patch selection uses it to mask lesion cubes first); deeper levels stay random.
     """
     levels = len(level_sizes) if levels is None else levels
     if not 1 <= levels <= len(level_sizes):
@@ -168,7 +171,10 @@ def mim_levels(
                 f"mask_ratio={mask_ratio} masks no whole {block}^3-token cube at level {lvl + 1}; "
                 "raise it or use smaller level_sizes ratios."
             )
-        mask = block_masking(batch * n, (grid,) * 3, mask_ratio, block, generator=generator, device=image.device)
+        if lvl == 0 and level1_mask is not None:
+            mask = level1_mask(volumes, block)
+        else:
+            mask = block_masking(batch * n, (grid,) * 3, mask_ratio, block, generator=generator, device=image.device)
         level = MiMLevel(volumes, mask, boxes, parents, tokens, block)
         out.append(level)
         if has_children:
