@@ -75,6 +75,14 @@ class PrepareConfig:
     shard_mb: int = 128
     max_rejected: float = 0.2
     seed: int = 0
+    # MPS prior mode (raymim.data.patch_stats): store a per-patch ``lesion_prob`` grid per crop,
+    # from intensity + blobness descriptors clustered with scikit-learn ("kmeans", or the
+    # paper's ablation choices "agglomerative" / "dbscan" with ``prior_eps``).
+    lesion_prior: bool = False
+    prior_patch: int = 8
+    prior_clusters: int = 4
+    prior_algorithm: str = "kmeans"
+    prior_eps: float = 1.5
 
     def __post_init__(self) -> None:
         if self.spacing is not None:
@@ -94,6 +102,14 @@ class PrepareConfig:
         _check_choice("prepare.dtype", self.dtype, ("float16", "float32", "uint8"))
         _check_positive("prepare.shard_mb", self.shard_mb)
         _check_range("prepare.max_rejected", self.max_rejected, 0.0, 1.0, lo_open=False, hi_open=False)
+        _check_positive("prepare.prior_patch", self.prior_patch)
+        if self.lesion_prior and any(int(s) % int(self.prior_patch) for s in self.crop_size):
+            raise ValueError(f"prepare.prior_patch should divide prepare.crop_size={list(self.crop_size)}, "
+                             f"got {self.prior_patch}.")
+        if self.prior_clusters < 2:
+            raise ValueError(f"prepare.prior_clusters should be >= 2, got {self.prior_clusters}.")
+        _check_choice("prepare.prior_algorithm", self.prior_algorithm, ("kmeans", "agglomerative", "dbscan"))
+        _check_positive("prepare.prior_eps", self.prior_eps)
 
 
 @dataclass
@@ -203,6 +219,8 @@ class MethodConfig:
     medim_low_share: float = 0.1  # share of masked tokens drawn from low-attention patches
     medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
     medim_align_weight: float = 1.0  # weight of the image-report alignment loss
+    # Patch keys of the word attention: "embed" (patch embedding + position) or "tokens" (encoder, all tokens)
+    medim_keys: str = "embed"
     text_dim: int = 96
     text_layers: int = 1
     text_max_len: int = 64
@@ -232,6 +250,7 @@ class MethodConfig:
         _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
+        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
         for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):
             _check_positive(f"method.{name}", getattr(self, name))

@@ -86,4 +86,8 @@ def crop_rows(image: np.ndarray, label: np.ndarray | None, cfg: PrepareConfig, s
             has_label=label is not None,
             label=(label[sl] if label is not None else np.zeros(size, np.uint8)).astype(np.uint8),
         )
+        if cfg.lesion_prior:
+            from raymim.data.patch_stats import lesion_prob
+
+            row["lesion_prob"] = lesion_prob(crop, cfg)
         yield row

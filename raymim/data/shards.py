@@ -27,6 +27,9 @@ label         fixed_shape_tensor<uint8>[D, H, W]          label crop; all zeros 
                                                           Parquet in pyarrow 25 cannot round-trip null
                                                           fixed-size lists, so the flag carries it)
 source        string (only with ``--keep-paths``)         input path relative to the input root
+lesion_prob   fixed_shape_tensor<float32>[D/p, H/p, W/p]  only with ``prepare.lesion_prior``: MPS prior
+                                                          lesion score per ``prepare.prior_patch`` patch
+                                                          (:mod:`raymim.data.patch_stats`)
 ============  ==========================================  ===============================================
 
 Layout (chosen by ``bench/bench_shards.py``): tensor columns uncompressed and without dictionary
@@ -62,8 +65,8 @@ __all__ = ["SCHEMA_VERSION", "discover_cases", "load_commits", "read_shards", "r
            "write_commit", "write_shard"]
 
 
-def schema(crop_size: list[int], dtype: str, keep_paths: bool = False) -> pa.Schema:
-    """The Arrow schema of a shard for this crop size / stored dtype."""
+def schema(crop_size: list[int], dtype: str, keep_paths: bool = False, prior_patch: int | None = None) -> pa.Schema:
+    """The Arrow schema of a shard for this crop size / stored dtype (+ ``lesion_prob`` grid)."""
     shape = [int(s) for s in crop_size]
     fields = [
         pa.field("image", pa.fixed_shape_tensor(_ARROW_DTYPES[dtype], shape), nullable=False),
@@ -84,6 +87,9 @@ def schema(crop_size: list[int], dtype: str, keep_paths: bool = False) -> pa.Sch
     ]
     if keep_paths:
         fields.append(pa.field("source", pa.string()))
+    if prior_patch:
+        grid = [s // int(prior_patch) for s in shape]
+        fields.append(pa.field("lesion_prob", pa.fixed_shape_tensor(pa.float32(), grid), nullable=False))
     return pa.schema(fields)
 
 

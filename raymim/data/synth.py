@@ -5,9 +5,10 @@ tissue), liver (patient's right), two kidneys, two lungs (upper half), a spine, 
 and 1-3 lesions inside the liver, a kidney or a lung with random size and contrast. Values are
 Hounsfield units stored as int16 NIfTI with a correct affine; labels (:data:`LABELS`) as uint8.
 
-"Sites" differ like scanners do: voxel spacing, noise level, contrast scaling and the stored
-axis orientation (site 0 writes RAS, site 1 LPS, site 2 LAS, then repeat), so preprocessing
-must reorient and multi-domain methods (HSSL) have a domain tag to predict.
+"Sites" differ like scanners do: voxel spacing, noise level, contrast scaling, how much of the
+field of view the patient fills, and the stored axis orientation (site 0 writes RAS, site 1
+LPS, site 2 LAS, then repeat), so preprocessing must reorient and multi-domain methods (HSSL)
+have a domain tag to predict.
 
 Example::
 
@@ -45,18 +46,22 @@ _ORGANS = {
     5: ((0.38, 0.00, 0.45), (0.30, 0.40, 0.45), -850.0),  # lung_right
     6: ((-0.38, 0.00, 0.45), (0.28, 0.40, 0.45), -850.0),  # lung_left
 }
-# (spacing mm, noise HU, contrast scale, orientation codes)
+# (spacing mm, noise HU, contrast scale, orientation codes, field-of-view zoom)
+# The zoom is how much of the field of view the patient fills (a site's reconstruction FOV
+# protocol): 1.0 fills it like the reference, 0.75 leaves a wider rim of air around the body.
 _SITES = [
-    ((1.5, 1.5, 1.5), 12.0, 1.00, "RAS"),
-    ((1.0, 1.0, 2.5), 25.0, 1.15, "LPS"),
-    ((0.8, 0.8, 3.0), 40.0, 0.90, "LAS"),
+    ((1.5, 1.5, 1.5), 12.0, 1.00, "RAS", 1.0),
+    ((1.0, 1.0, 2.5), 25.0, 1.15, "LPS", 0.85),
+    ((0.8, 0.8, 3.0), 40.0, 0.90, "LAS", 0.7),
 ]
+LESION_RADIUS = (0.04, 0.12)  # normalised units ([-1, 1] across the field of view)
+LESION_CONTRAST_HU = (25.0, 80.0)  # |lesion - organ| before the site's contrast scale
 
 
-def _site(k: int) -> tuple[tuple[float, float, float], float, float, str]:
-    spacing, noise, contrast, codes = _SITES[k % len(_SITES)]
+def _site(k: int) -> tuple[tuple[float, float, float], float, float, str, float]:
+    spacing, noise, contrast, codes, zoom = _SITES[k % len(_SITES)]
     extra = k // len(_SITES)  # more sites than presets: vary spacing a little
-    return tuple(s * (1 + 0.1 * extra) for s in spacing), noise * (1 + 0.2 * extra), contrast, codes
+    return tuple(s * (1 + 0.1 * extra) for s in spacing), noise * (1 + 0.2 * extra), contrast, codes, zoom
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
@@ -65,8 +70,8 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
 
 def _phantom(rng: np.random.Generator, size: int, site: int):
     """-> (hu int16 [X,Y,Z] in RAS order, label uint8, report str, spacing)."""
-    spacing, noise, contrast, _ = _site(site)
-    ax = np.linspace(-1, 1, size, dtype=np.float32)
+    spacing, noise, contrast, _, zoom = _site(site)
+    ax = np.linspace(-1, 1, size, dtype=np.float32) / zoom
     grid = np.meshgrid(ax, ax, ax, indexing="ij")
     x, y, _z = grid
     label = np.zeros((size,) * 3, np.uint8)
@@ -94,13 +99,13 @@ def _phantom(rng: np.random.Generator, size: int, site: int):
             continue
         centre_vox = idx[rng.integers(len(idx))]
         centre = ax[centre_vox]
-        r = rng.uniform(0.04, 0.12)
+        r = rng.uniform(*LESION_RADIUS)
         m = _ellipsoid(grid, centre, (r, r, r)) & (label == organ)
-        delta = rng.choice([-1, 1]) * rng.uniform(25, 80) * contrast
+        delta = rng.choice([-1, 1]) * rng.uniform(*LESION_CONTRAST_HU) * contrast
         base = -850.0 if organ in (5, 6) else None
         hu[m] = (base + 800.0 + delta) if base is not None else hu[m] + delta
         label[m] = LESION
-        diam_mm = 2 * r * float(np.mean(half_fov))
+        diam_mm = 2 * r * zoom * float(np.mean(half_fov))
         name = LABELS[organ]
         side = "right" if name.endswith("right") or organ == 2 else "left"
         organ_word = {"liver": "liver", "kidney": "kidney", "lung": "lung"}[name.split("_")[0]]

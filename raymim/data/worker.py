@@ -119,7 +119,8 @@ def _flush(rows: list[dict[str, Any]], statuses: list[dict[str, Any]], ctx: dict
     out = Path(ctx["out"])
     if rows:
         cfg = PrepareConfig(**ctx["cfg"])
-        sch = shard_io.schema(cfg.crop_size, cfg.dtype, bool(ctx.get("keep_paths")))
+        sch = shard_io.schema(cfg.crop_size, cfg.dtype, bool(ctx.get("keep_paths")),
+                              cfg.prior_patch if cfg.lesion_prior else None)
         path = out / shard_io.SHARDS_DIR / f"{name}.parquet"
         shard_io.write_shard(shard_io.rows_to_table(rows, sch), path, commit)
         for s in statuses:

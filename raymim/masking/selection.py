@@ -11,13 +11,15 @@ i.e. the diagonal Mahalanobis distance between the cluster's mean patch and the 
 patch. The most atypical cluster is the lesion cluster. Why: a lesion is small and unlike the
 tissue around it, so the patches holding it are few and far from the bulk; large homogeneous
 regions (parenchyma, fat, air) form clusters near the mean because they *make* the mean. A
-per-patch lesion score is 1 on the lesion cluster and half the relative atypicality elsewhere
-(< 0.5, see :func:`lesion_scores`); it is a ranking, not a calibrated probability. Bone or sharp organ edges
-are atypical too and get masked early: masking hard, rare content first is the point of MPS
-either way.
+per-patch lesion score is in [0.5, 1] on the lesion cluster (0.5 + half the patch's own
+atypicality over the cluster's most atypical patch, so the cluster is ranked inside too) and
+half the relative cluster atypicality elsewhere (< 0.5, see :func:`lesion_scores`); it is a
+ranking, not a calibrated probability. Bone or sharp organ edges are atypical too and get
+masked early: masking hard, rare content first is the point of MPS either way.
 
-Masking (:func:`mps_masking`): lesion-cluster tokens (score >= ``threshold``) first, in random
-order, at most ``share`` of the masked tokens; random tokens fill up to the exact ratio.
+Masking (:func:`mps_masking`): lesion-cluster tokens (score >= ``threshold``) first, highest
+score first (with a little noise, so masks still vary), at most ``share`` of the masked tokens;
+random tokens fill up to the exact ratio.
 
 Shapes: ``desc: [N, L, F]``, ``scores: [N, L]`` in [0, 1], masks as in :mod:`raymim.masking.tokens`.
 
@@ -124,18 +126,24 @@ def cluster_atypicality(z: torch.Tensor, assign: torch.Tensor, k: int) -> torch.
 
 
 def lesion_scores(z: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-patch lesion score in [0, 1]: 1 for the lesion cluster, below 0.5 for the others.
+    """Per-patch lesion score in [0, 1]: [0.5, 1] on the lesion cluster, below 0.5 elsewhere.
 
-    z: [N, L, F] standardised descriptors, assign: [N, L] cluster ids in [0, k). The lesion
-    cluster (most atypical) scores exactly 1; another cluster scores half its atypicality over
-    the lesion cluster's (< 0.5), so ``threshold=0.5`` selects exactly the lesion cluster while
-    the stored column still ranks the rest.
+    z: [N, L, F] standardised descriptors, assign: [N, L] cluster ids in [0, k). A patch of the
+    lesion cluster (most atypical) scores ``0.5 + 0.5 * a / a_max`` with ``a`` its own
+    atypicality (norm of its z-descriptor) and ``a_max`` the cluster's largest, so the most
+    atypical patch scores exactly 1; another cluster scores half its atypicality over the lesion
+    cluster's (< 0.5), so ``threshold=0.5`` selects exactly the lesion cluster while the stored
+    column still ranks the rest.
     """
     atyp = cluster_atypicality(z, assign, k)  # [N, k], -1 for absent clusters
     top = atyp.amax(1, keepdim=True)
-    rel = 0.5 * atyp.clamp_min(0.0) / top.clamp_min(1e-12)  # other clusters: [0, 0.5]
-    rel = torch.where(atyp >= top, torch.ones_like(rel), rel.clamp_max(0.499))
-    return torch.gather(rel, 1, assign.long())  # [N, L]
+    rel = (0.5 * atyp.clamp_min(0.0) / top.clamp_min(1e-12)).clamp_max(0.499)  # other clusters
+    patch_rel = torch.gather(rel, 1, assign.long())  # [N, L]
+    in_lesion = torch.gather(atyp >= top, 1, assign.long())  # [N, L]
+    own = z.norm(dim=-1)  # [N, L]
+    own_max = torch.where(in_lesion, own, torch.zeros_like(own)).amax(1, keepdim=True)
+    inside = 0.5 + 0.5 * own / own_max.clamp_min(1e-12)
+    return torch.where(in_lesion, inside.clamp(0.5, 1.0), patch_rel)
 
 
 def mps_masking(
@@ -144,21 +152,23 @@ def mps_masking(
     share: float = 1.0,
     threshold: float = 0.5,
     *,
+    jitter: float = 0.05,
     generator: torch.Generator | None = None,
 ) -> TokenMask:
     """Mask lesion-cluster tokens first, then random ones, at an exact ratio.
 
     scores: [N, L] lesion scores (>= ``threshold`` marks the lesion cluster). At most
-    ``round(share * n_mask)`` masked tokens come from the lesion cluster (a random subset when
-    it is larger); the rest are uniform over the remaining tokens.
+    ``round(share * n_mask)`` masked tokens come from the lesion cluster (its highest-scoring
+    ones when it is larger, give or take ``jitter`` of score); the rest are uniform over the
+    remaining tokens.
     """
     n, length = scores.shape
     n_mask = num_masked(length, mask_ratio)
     cap = int(round(share * n_mask))
     noise = torch.rand(n, length, generator=generator).to(scores.device)
     lesion = scores >= threshold
-    # Rank lesion tokens by noise among themselves; keep the first `cap` as "masked first".
-    lesion_noise = torch.where(lesion, noise, torch.full_like(noise, 2.0))
+    # Rank lesion tokens by score (jittered); keep the first `cap` as "masked first".
+    lesion_noise = torch.where(lesion, jitter * noise - scores, torch.full_like(noise, 2.0))
     rank = torch.argsort(torch.argsort(lesion_noise, dim=1), dim=1)
     first = lesion & (rank < cap)
     return mask_from_scores(noise - 2.0 * first.to(noise.dtype), n_mask)

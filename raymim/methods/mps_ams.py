@@ -98,9 +98,9 @@ class MPSAMS(MiM):
         return lesion_scores(z, assign.view(n, length), self._centres.shape[0])
 
     def prior_scores(self, prob: torch.Tensor, n: int) -> torch.Tensor:
-        """The shards' lesion_prob [B, L'] resampled to this model's token grid: [B, L]."""
+        """The shards' lesion_prob [B, L'] (or [B, d, h, w]) resampled to this model's token grid: [B, L]."""
         g = self.grid
-        prob = prob.float()
+        prob = prob.float().reshape(prob.shape[0], -1)  # the stored [B, d, h, w] grid, row-major
         side = round(prob.shape[1] ** (1 / 3))
         if side**3 != prob.shape[1]:
             raise ValueError(f"lesion_prob should hold a cubic token grid, got {prob.shape[1]} tokens.")

@@ -1,0 +1,106 @@
+"""medim: the word-region score, no-report fallback, KDM / SDM masks, keyword file, text-encoder hook."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raymim.masking.report_guided import report_guided_masking
+from raymim.methods import build_method
+from raymim.methods.medim import word_region_scores
+
+from .conftest import tiny_config
+from .phantoms import phantom_batch
+
+
+def test_image_independent_attention_scores_at_chance():
+    """The degenerate solution of the old loss (same regions whatever the image) earns nothing."""
+    torch.manual_seed(0)
+    q, valid = torch.randn(4, 3, 16), torch.ones(4, 3, dtype=torch.bool)
+    keys = torch.randn(1, 64, 16).expand(4, -1, -1)  # every image looks the same to the words
+    scores = word_region_scores(q, valid, keys)
+    assert torch.allclose(scores, scores[:, :1].expand_as(scores), atol=1e-6)  # S[i, j] constant in j
+    report_to_image = torch.nn.functional.cross_entropy(scores / 0.2, torch.arange(4))
+    assert report_to_image.item() == pytest.approx(math.log(4))  # chance
+    # Image-specific content that matches the report's words makes the diagonal win.
+    keys = torch.randn(4, 64, 16)
+    for w in range(3):  # image i holds a patch that matches each of report i's words
+        keys[torch.arange(4), torch.arange(4) * 5 + 20 * w] = 10.0 * q[:, w]
+    scores = word_region_scores(q, valid, keys)
+    assert (scores.argmax(1) == torch.arange(4)).all()
+
+
+@pytest.mark.parametrize("mode", ["kdm", "sdm"])
+def test_modes_mask_exactly_and_train_the_attention(mode: str):
+    torch.manual_seed(0)
+    img, _, reports = phantom_batch(4)
+    method = build_method("medim", tiny_config("medim", mask_ratio=0.5, medim_mode=mode, text_dim=32, text_max_len=32))
+    out = method({"image": img, "report": reports})
+    assert out.metrics["mask_ratio"] == 0.5 and out.metrics["no_report_frac"] == 0.0
+    assert out.metrics["loss_local"] > 0 and out.metrics["loss_global"] > 0
+    out.loss.backward()
+    for module in (method.text_encoder, method.key_proj, method.encoder.patch_embedding):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_rows_without_a_report_fall_back_to_random_masking():
+    img, _, reports = phantom_batch(4)
+    batch = {"image": img, "report": [reports[0], None, "  ", reports[3]]}
+    method = build_method("medim", tiny_config("medim", mask_ratio=0.25, medim_low_share=0.0))
+    out = method(batch)
+    assert out.metrics["no_report_frac"] == 0.5 and out.metrics["mask_ratio"] == 0.25
+    # Report rows: exactly the most-attended tokens (low_share 0), whatever the seed.
+    with torch.no_grad():
+        r = method.report_attention(img[[0, 3]], [reports[0], reports[3]])
+    has = torch.tensor([True, False, False, True])
+    attn = torch.full((4, 64), 1 / 64)
+    attn[[0, 3]] = r["map"]
+    m0 = report_guided_masking(attn, 0.25, 0.0, has, generator=torch.Generator().manual_seed(0)).mask
+    m1 = report_guided_masking(attn, 0.25, 0.0, has, generator=torch.Generator().manual_seed(1)).mask
+    top = torch.zeros(2, 64).scatter(1, r["map"].topk(16, dim=1).indices, 1.0)
+    assert torch.equal(m0[[0, 3]], top) and torch.equal(m1[[0, 3]], top)
+    assert not torch.equal(m0[[1, 2]], m1[[1, 2]])  # random for the rows with no report
+    # No reports at all: plain random masking, no alignment term.
+    out = method({"image": img})
+    assert out.metrics["no_report_frac"] == 1.0 and out.metrics["loss_align"] == 0.0
+
+
+def test_keyword_file_sets_the_vocabulary(tmp_path):
+    vocab = tmp_path / "terms.txt"
+    vocab.write_text("# organs\nkidney\npleural effusion  # matched on its last word\nkidney\n")
+    method = build_method("medim", tiny_config("medim", medim_vocab=str(vocab), text_dim=32, text_max_len=32))
+    assert method.tokenizer.keywords == ("kidney", "effusion")
+    reports = ["A 5 mm lesion in the right kidney.", "Small left pleural effusion.", "No focal lesion."]
+    enc = method.tokenizer(reports)
+    words = [[w for w, k in zip(r.lower().replace(".", "").split(), enc.keyword[i].tolist()) if k >= 0]
+             for i, r in enumerate(reports)]
+    assert words == [["kidney"], ["effusion"], []]
+    img, _, _ = phantom_batch(3)
+    out = method({"image": img, "report": reports})  # a report with no keyword still trains / masks
+    assert math.isfinite(out.loss.item()) and out.metrics["mask_ratio"] == 0.75
+    with pytest.raises(ValueError, match="medim_vocab"):
+        empty = tmp_path / "empty.txt"
+        empty.write_text("# nothing\n")
+        build_method("medim", tiny_config("medim", medim_vocab=str(empty)))
+
+
+def test_text_encoder_can_be_replaced():
+    class Frozen(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.table = nn.Embedding(5000, dim)
+            self.calls = 0
+
+        def forward(self, ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.table(ids % 5000)
+
+    method = build_method("medim", tiny_config("medim", text_dim=32, text_max_len=32))
+    method.text_encoder = Frozen(32)
+    img, _, reports = phantom_batch(2)
+    out = method({"image": img, "report": reports})
+    out.loss.backward()
+    assert method.text_encoder.calls == 1 and method.text_encoder.table.weight.grad is not None
