@@ -70,7 +70,7 @@ def test_prepare_writes_lesion_prob_and_training_batches_carry_it(ray_session, p
     t = pq.read_table(next((out / "shards").glob("*.parquet")))
     assert t.schema.field("lesion_prob").type.shape == [4, 4, 4]
     grids = t["lesion_prob"].combine_chunks().to_numpy_ndarray()
-    assert grids.shape[1:] == (4, 4, 4) and np.all((grids.max(axis=(1, 2, 3)) > 0.99))
+    assert grids.shape[1:] == (4, 4, 4) and np.all(grids.max(axis=(1, 2, 3)) > 0.99)
 
     ds, _ = build_dataset(str(out), RaymimConfig(train=TrainConfig(steps=2)))  # the trainer's reader
     batch = next(iter(ds.iter_torch_batches(batch_size=2, collate_fn=BatchCollate())))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from raymim.data.synth import _phantom
 from raymim.masking.selection import (
     kmeans,
     lesion_scores,
@@ -17,22 +15,7 @@ from raymim.masking.selection import (
     standardize,
 )
 from raymim.masking.tokens import mask_from_scores, num_masked
-
-
-def phantom_batch(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic CT phantoms (3 sites) windowed to [0, 1] like `raymim prepare`: image, label."""
-    rng = np.random.default_rng(seed)
-    ims, labs = [], []
-    for i in range(n):
-        hu, lab, _, _ = _phantom(rng, size, i % 3)
-        ims.append(np.clip((hu + 1000.0) / 2000.0, 0, 1))
-        labs.append(lab)
-    return torch.tensor(np.stack(ims)).float()[:, None], torch.tensor(np.stack(labs))[:, None]
-
-
-def lesion_masking_factor(mask: torch.Tensor, lesion: torch.Tensor, ratio: float) -> float:
-    """How often lesion-holding tokens are masked, over the rate of random masking (= ratio)."""
-    return float((mask.bool() & lesion).sum() / lesion.sum()) / ratio
+from tests.methods.phantoms import lesion_masking_factor, phantom_batch
 
 
 def test_kmeans_finds_separated_blobs():
@@ -64,7 +47,7 @@ def test_rule_picks_the_small_atypical_cluster_and_masks_it_first():
 def test_lesion_patches_masked_more_often_than_random():
     """Per-volume intensity descriptors + k-means (the prior mode's rule, in torch)."""
     torch.manual_seed(0)
-    img, lab = phantom_batch(24)
+    img, lab, _ = phantom_batch(24)
     patch, ratio, k = 4, 0.1, 4
     lesion = lesion_token_mask(lab, patch)
     z = standardize(patch_intensity_descriptors(img, patch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from raymim.config import ModelConfig
@@ -25,19 +26,37 @@ def test_schedule_drives_the_mask_ratio(volume: torch.Tensor):
     assert seen[0][0] < seen[1][0] < seen[2][0]
 
 
+def _online_factor(method, img: torch.Tensor, lesion: torch.Tensor, ratio: float = 0.1) -> float:
+    with torch.no_grad():
+        method._centres = None  # refit on these volumes
+        scores = method.online_scores(img)
+        torch.manual_seed(1)
+        return lesion_masking_factor(method.mask_from(scores, len(img), img.device, ratio).mask, lesion, ratio)
+
+
+@pytest.mark.slow
 def test_online_selection_masks_lesion_patches_first():
+    """Online MPS (k-means on patch embeddings) on held-out 64^3 phantoms, before / after a short warm-up."""
     torch.manual_seed(0)
-    img, lab, _ = phantom_batch(12)
-    cfg = tiny_config("mps_ams", levels=1, mask_ratio=0.1, mps_mode="online", mps_clusters=4)
-    cfg.model = ModelConfig(img_size=32, patch_size=4, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
+    img, lab, _ = phantom_batch(24, size=64, seed=0)
+    train, test, lesion = img[:16], img[16:], lesion_token_mask(lab[16:], 8)
+    cfg = tiny_config("mps_ams", levels=1, mask_ratio=0.6, mps_mode="online", mps_clusters=4)
+    cfg.model = ModelConfig(img_size=64, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4,
                             decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
     method = build_method("mps_ams", cfg)
-    with torch.no_grad():
-        scores = method.online_scores(img)
-        out = method.mask_from(scores, len(img), img.device, 0.1)
-    factor = lesion_masking_factor(out.mask, lesion_token_mask(lab, 4), 0.1)
-    print(f"online MPS (untrained encoder, patch embeddings) lesion masking factor: {factor:.2f}x")
-    assert factor >= 1.5
+    before = _online_factor(method, test, lesion)
+    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    for step in range(40):
+        method.set_progress(step, 40)
+        out = method({"image": train[torch.randperm(16)[:4]]})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    after = _online_factor(method, test, lesion)
+    print(f"online MPS lesion masking factor at ratio 0.1: {before:.2f}x untrained, {after:.2f}x after 40 steps")
+    # Issue target 3x: measured 2.70x both untrained and after the warm-up (token features: 1.9x -> 2.7x
+    # after 60 steps): MISSED, see bench/RESULTS.md "MPS lesion masking".
+    assert after >= 1.5
 
 
 def test_prior_column_and_mim_levels(volume: torch.Tensor):
