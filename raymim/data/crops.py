@@ -1,7 +1,7 @@
 """Fixed-size sub-volume sampling and the crop rows that go into shards.
 
-``crop_mode="random"``: up to ``crops_per_volume`` origins drawn uniformly (seeded per case, so a
-rerun yields the same crops), keeping those whose foreground fraction reaches
+``crop_mode="random"``: up to ``crops_per_volume`` distinct origins drawn uniformly (seeded per case,
+so a rerun yields the same crops), keeping those whose foreground fraction reaches
 ``min_foreground`` (air-only crops are dropped; at most 20 draws per wanted crop).
 ``crop_mode="grid"``: a regular grid with ``crop_stride`` (default: the crop size, i.e. tiles;
 the last tile is aligned to the far edge), keeping tiles above ``min_foreground``.
@@ -51,7 +51,8 @@ def crop_origins(fg: np.ndarray, cfg: PrepareConfig, seed: int) -> list[tuple[in
     out: list[tuple[int, int, int]] = []
     for _ in range(20 * cfg.crops_per_volume):
         o = tuple(int(rng.integers(0, shape[i] - size[i] + 1)) for i in range(3))
-        if frac(o) >= cfg.min_foreground:
+        # A volume barely larger than the crop has few origins: never write the same crop twice.
+        if o not in out and frac(o) >= cfg.min_foreground:
             out.append(o)
             if len(out) == cfg.crops_per_volume:
                 break
