@@ -21,6 +21,7 @@ import platform
 import time
 
 import torch
+from bench_method_overhead import _time_pair as interleaved_times  # bench/ is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 
 from raymim.config import MethodConfig, ModelConfig, RaymimConfig
@@ -37,12 +38,7 @@ SHAPES = {
 def _time_pair(fn_a, fn_b, reps: int) -> tuple[float, float]:
     """Interleaved timings, minimum of ``reps`` each (robust to a shared, noisy CPU)."""
     fn_a(), fn_b()  # warm-up
-    ta, tb = [], []
-    for _ in range(reps):
-        for fn, out in ((fn_a, ta), (fn_b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+    ta, tb = interleaved_times(fn_a, fn_b, reps)
     return min(ta), min(tb)
 
 

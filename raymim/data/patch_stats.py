@@ -43,6 +43,7 @@ from scipy import ndimage
 
 from raymim.config import PrepareConfig
 from raymim.masking.selection import lesion_scores, patch_intensity_descriptors, standardize
+from raymim.masking.tokens import patchify
 
 BLOB_SCALES = (1.0, 2.0)
 
@@ -67,11 +68,8 @@ def patch_descriptors(crop: np.ndarray, patch: int) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
     base = patch_intensity_descriptors(x, patch)[0]  # [L, 5]
     blob = np.max([blobness(crop, s) for s in BLOB_SCALES], axis=0)
-    b = torch.from_numpy(blob)[None, None]
-    g = [s // patch for s in crop.shape]
-    pb = b.unfold(2, patch, patch).unfold(3, patch, patch).unfold(4, patch, patch)  # [1,1,gd,gh,gw,p,p,p]
-    pb = pb.reshape(*g, -1)
-    return torch.cat([base, pb.amax(-1).reshape(-1, 1), pb.mean(-1).reshape(-1, 1)], dim=1)
+    pb = patchify(torch.from_numpy(blob)[None, None], patch)[0]  # [L, p^3], same order as `base`
+    return torch.cat([base, pb.amax(-1, keepdim=True), pb.mean(-1, keepdim=True)], dim=1)
 
 
 def cluster_patches(z: np.ndarray, algorithm: str, k: int, eps: float = 1.5, seed: int = 0) -> np.ndarray:
@@ -95,7 +93,6 @@ def lesion_prob(crop: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
     p = int(cfg.prior_patch)
     grid = tuple(s // p for s in crop.shape)
     z = standardize(patch_descriptors(crop, p)[None])  # [1, L, F]
-    z = torch.nan_to_num(z)
     labels = cluster_patches(z[0].numpy(), cfg.prior_algorithm, cfg.prior_clusters, cfg.prior_eps, cfg.seed)
     k = int(labels.max()) + 1
     scores = lesion_scores(z, torch.from_numpy(labels).long()[None], k)[0]
