@@ -1,8 +1,10 @@
 """MPS lesion masking on phantoms: how often lesion-holding patches are masked, against random masking.
 
-For each phantom seed (``--cases`` phantoms of ``--size``^3, 1-3 lesions each, label 8) and each
-prior-mode clustering (``raymim.data.patch_stats.lesion_prob``: intensity + Hessian blobness
-descriptors, scikit-learn k-means / agglomerative / DBSCAN), the factor is
+For each phantom seed (``--cases`` phantoms of ``--size``^3, 1-3 lesions each, label 8), each
+prior-mode clustering (``raymim.data.patch_stats``: intensity + Hessian blobness descriptors,
+scikit-learn k-means / agglomerative / DBSCAN) and each scope (``population``: one model fitted
+on the pooled patches of the seed's phantoms, as ``raymim prepare`` fits it on its sample;
+``volume``: the paper's per-image clustering, the baseline), the factor is
 
     P(patch masked | patch holds a lesion voxel) / P(patch masked)   at mask ratio --ratio,
 
@@ -23,12 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymim.config import PrepareConfig  # noqa: E402
-from raymim.data.patch_stats import lesion_prob  # noqa: E402
+from raymim.data.patch_stats import fit_prior, lesion_prob, patch_descriptors  # noqa: E402
 from raymim.masking.selection import lesion_token_mask, mps_masking  # noqa: E402
 from raymim.masking.tokens import random_masking  # noqa: E402
 from tests.methods.phantoms import lesion_masking_factor, phantom_batch  # noqa: E402
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--algorithms", default="kmeans,agglomerative,dbscan")
+    ap.add_argument("--scopes", default="population,volume")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"load average before: {os.getloadavg()}")
@@ -52,23 +56,37 @@ def main() -> None:
         torch.manual_seed(seed)
         rand = random_masking(len(img), lesion.shape[1], args.ratio).mask
         base = lesion_masking_factor(rand, lesion, args.ratio)
+        crops = [v[0].numpy() for v in img]
+        t0 = time.perf_counter()
+        descs = [patch_descriptors(c, args.patch) for c in crops]
+        desc_s = (time.perf_counter() - t0) / len(img)
         for algo in args.algorithms.split(","):
-            cfg = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=args.patch,
-                                prior_algorithm=algo)
-            t0 = time.perf_counter()
-            scores = torch.stack([torch.from_numpy(lesion_prob(v[0].numpy(), cfg)).flatten() for v in img])
-            per_crop = (time.perf_counter() - t0) / len(img)
-            torch.manual_seed(seed)
-            factor = lesion_masking_factor(mps_masking(scores, args.ratio).mask, lesion, args.ratio)
-            rows.append(dict(seed=seed, algorithm=algo, random=round(base, 2), mps=round(factor, 2),
-                             cluster_share=round(float((scores >= 0.5).float().mean()), 3),
-                             s_per_crop=round(per_crop, 3)))
-            print(json.dumps(rows[-1]), flush=True)
+            for scope in args.scopes.split(","):
+                cfg = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=args.patch,
+                                    prior_algorithm=algo, prior_scope=scope)
+                t0 = time.perf_counter()
+                model = fit_prior(np.concatenate(descs), cfg) if scope == "population" else None
+                fit_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                scores = torch.stack([torch.from_numpy(lesion_prob(c, cfg, model)).flatten() for c in crops])
+                per_crop = (time.perf_counter() - t0) / len(img)
+                torch.manual_seed(seed)
+                factor = lesion_masking_factor(mps_masking(scores, args.ratio).mask, lesion, args.ratio)
+                rows.append(dict(seed=seed, algorithm=algo, scope=scope, random=round(base, 2), mps=round(factor, 2),
+                                 cluster_share=round(float((scores >= 0.5).float().mean()), 3),
+                                 s_per_crop=round(per_crop, 3), descriptor_s_per_crop=round(desc_s, 3),
+                                 fit_s=round(fit_s, 2)))
+                print(json.dumps(rows[-1]), flush=True)
     print(f"load average after: {os.getloadavg()}")
-    print("\n| seed | algorithm | random | MPS prior | lesion-cluster share | s / crop |\n|---|---|---|---|---|---|")
+    print("\n| seed | algorithm | scope | random | MPS prior | lesion-cluster share | s / crop | fit s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['algorithm']} | {r['random']:.2f}x | {r['mps']:.2f}x | {r['cluster_share']:.3f} "
-              f"| {r['s_per_crop']:.2f} |")
+        print(f"| {r['seed']} | {r['algorithm']} | {r['scope']} | {r['random']:.2f}x | {r['mps']:.2f}x "
+              f"| {r['cluster_share']:.3f} | {r['s_per_crop']:.2f} | {r['fit_s']:.2f} |")
+    for scope in args.scopes.split(","):
+        for algo in args.algorithms.split(","):
+            f = [r["mps"] for r in rows if r["scope"] == scope and r["algorithm"] == algo]
+            print(f"{scope:10s} {algo:13s} mean {np.mean(f):.2f}x  min {min(f):.2f}x")
 
 
 if __name__ == "__main__":

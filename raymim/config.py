@@ -80,9 +80,15 @@ class PrepareConfig:
     # paper's ablation choices "agglomerative" / "dbscan" with ``prior_eps``).
     lesion_prior: bool = False
     prior_patch: int = 8
-    prior_clusters: int = 4
+    # "population": cluster the patches of ``prior_fit_cases`` sampled cases once (normal anatomy),
+    # lesion cluster = patches beyond the ``prior_quantile`` distance to every normal centre;
+    # "volume": the paper's per-image clustering, most atypical cluster of each crop.
+    prior_scope: str = "population"
+    prior_clusters: int | None = None  # None: 32 for "population", 4 for "volume"
     prior_algorithm: str = "kmeans"
     prior_eps: float = 1.5
+    prior_fit_cases: int = 32
+    prior_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if self.spacing is not None:
@@ -106,10 +112,15 @@ class PrepareConfig:
         if self.lesion_prior and any(int(s) % int(self.prior_patch) for s in self.crop_size):
             raise ValueError(f"prepare.prior_patch should divide prepare.crop_size={list(self.crop_size)}, "
                              f"got {self.prior_patch}.")
+        _check_choice("prepare.prior_scope", self.prior_scope, ("population", "volume"))
+        if self.prior_clusters is None:
+            self.prior_clusters = 32 if self.prior_scope == "population" else 4
         if self.prior_clusters < 2:
             raise ValueError(f"prepare.prior_clusters should be >= 2, got {self.prior_clusters}.")
         _check_choice("prepare.prior_algorithm", self.prior_algorithm, ("kmeans", "agglomerative", "dbscan"))
         _check_positive("prepare.prior_eps", self.prior_eps)
+        _check_positive("prepare.prior_fit_cases", self.prior_fit_cases)
+        _check_range("prepare.prior_quantile", self.prior_quantile, 0.0, 1.0)
 
 
 @dataclass

@@ -10,7 +10,7 @@ Origins are voxel indices in the preprocessed (reoriented, resampled, foreground
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -67,8 +67,12 @@ def to_stored(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def crop_rows(image: np.ndarray, label: np.ndarray | None, cfg: PrepareConfig, seed: int,
-              common: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Yield one shard row per accepted crop of a preprocessed image [X, Y, Z] in [0, 1]."""
+              common: dict[str, Any],
+              extra: Callable[[np.ndarray], dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield one shard row per accepted crop of a preprocessed image [X, Y, Z] in [0, 1].
+
+    ``extra(crop)`` adds fields computed from the float crop (the MPS prior's ``lesion_prob``).
+    """
     size = [int(s) for s in cfg.crop_size]
     fg = is_foreground(image)
     for o in crop_origins(fg, cfg, seed):
@@ -87,8 +91,6 @@ def crop_rows(image: np.ndarray, label: np.ndarray | None, cfg: PrepareConfig, s
             has_label=label is not None,
             label=(label[sl] if label is not None else np.zeros(size, np.uint8)).astype(np.uint8),
         )
-        if cfg.lesion_prior:
-            from raymim.data.patch_stats import lesion_prob
-
-            row["lesion_prob"] = lesion_prob(crop, cfg)
+        if extra is not None:
+            row.update(extra(crop))
         yield row

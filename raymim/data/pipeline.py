@@ -28,7 +28,7 @@ from typing import Any
 
 from raymim.config import ConfigError, PrepareConfig, config_hash
 from raymim.data import shards as shard_io
-from raymim.data.worker import case_to_rows, process_batch
+from raymim.data.worker import case_descriptors, case_to_rows, process_batch
 from raymim.io.deid import deid_key
 from raymim.io.discover import discover_cases
 
@@ -69,9 +69,45 @@ def crop_dataset(input: str | os.PathLike, cfg: PrepareConfig) -> Any:
     ensure_ray()
     cases = discover_cases(input)
     ctx = _context(cfg, deid_key(None), None, False, set())
+    ctx["prior_model"] = _prior_model(cases, cfg, ctx, None, progress=False)
     n_cpu = _cluster_cpus()
     return _cases_dataset(cases, max(1, math.ceil(len(cases) / (2 * n_cpu)))).flat_map(
         case_to_rows, fn_kwargs={"ctx": ctx}, num_cpus=1)
+
+
+def _prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, Any], out: Path | None,
+                 progress: bool = True) -> dict[str, Any] | None:
+    """The MPS prior's population model (``prepare.prior_scope="population"``), as a dict for the tasks.
+
+    Reused from ``out/prior_model.json`` when it was fitted under this run's config hash (a
+    resumed run scores with the same model); otherwise fitted on the crops of up to
+    ``prepare.prior_fit_cases`` cases spread evenly over the input (a Ray Data pass that keeps
+    only the patch descriptors) and saved there.
+    """
+    if not cfg.lesion_prior or cfg.prior_scope != "population":
+        return None
+    import numpy as np
+
+    from raymim.data.patch_stats import MODEL_FILE, PriorModel, fit_prior
+
+    path = out / MODEL_FILE if out is not None else None
+    if path is not None and (saved := PriorModel.load(path, ctx["config_hash"])) is not None:
+        return saved.to_dict()
+    usable = [c for c in cases if not c.get("error")]
+    n = min(int(cfg.prior_fit_cases), len(usable))
+    sample = [usable[i] for i in sorted({round(x) for x in np.linspace(0, len(usable) - 1, n)})] if n else []
+    if progress:
+        print(f"fitting the MPS lesion prior on the crops of {len(sample)} of {len(cases)} cases", file=sys.stderr)
+    descs = [b["desc"].reshape(-1, b["desc"].shape[-1]) for b in _cases_dataset(sample, 1).flat_map(
+        case_descriptors, fn_kwargs={"ctx": ctx}, num_cpus=1).iter_batches(batch_size=None, batch_format="numpy")
+        if len(b["desc"])] if sample else []
+    try:
+        model = fit_prior(np.concatenate(descs) if descs else np.zeros((0, 7), np.float32), cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if path is not None:
+        model.save(path, ctx["config_hash"])
+    return model.to_dict()
 
 
 def _cluster_cpus() -> int:
@@ -83,7 +119,7 @@ def _cluster_cpus() -> int:
 def _reset(out: Path) -> None:
     for sub in (shard_io.SHARDS_DIR, shard_io.STATUS_DIR):
         shutil.rmtree(out / sub, ignore_errors=True)
-    for name in ("manifest.json", "quarantine.csv"):
+    for name in ("manifest.json", "quarantine.csv", "prior_model.json"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -126,6 +162,7 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = progress
     ctx = _context(cfg, deid_key(out), out, keep_paths, done)
+    ctx["prior_model"] = _prior_model(cases, cfg, ctx, out, progress)
     n_cpu = _cluster_cpus()
     per_task = _batch_size(cfg, len(cases), n_cpu)
     ds = _cases_dataset(cases, per_task).map_batches(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,18 @@ def _input_bytes(case: dict[str, Any]) -> int:
     return total
 
 
+def _prior_fields(cfg: PrepareConfig, ctx: dict[str, Any]) -> Callable[[np.ndarray], dict[str, Any]] | None:
+    """Per-crop MPS prior fields: descriptors while fitting the prior, else ``lesion_prob``."""
+    if not (cfg.lesion_prior or ctx.get("prior_fit")):
+        return None
+    from raymim.data.patch_stats import PriorModel, lesion_prob, patch_descriptors
+
+    if ctx.get("prior_fit"):
+        return lambda crop: {"prior_desc": patch_descriptors(crop, int(cfg.prior_patch))}
+    model = PriorModel.from_dict(ctx["prior_model"]) if ctx.get("prior_model") else None
+    return lambda crop: {"lesion_prob": lesion_prob(crop, cfg, model)}
+
+
 def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One case -> (status record, crop rows). Status is ``ok``, ``rejected`` or ``skipped``."""
     cfg = PrepareConfig(**ctx["cfg"])
@@ -98,7 +111,7 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
                   "report": case.get("report")}
         if ctx.get("keep_paths"):
             common["source"] = case["rel"]
-        rows = list(crop_rows(image, label, cfg, int(cid[:12], 16) ^ cfg.seed, common))
+        rows = list(crop_rows(image, label, cfg, int(cid[:12], 16) ^ cfg.seed, common, _prior_fields(cfg, ctx)))
     except Exception as exc:  # noqa: BLE001 - any failure quarantines this case only
         status["reason"] = _reason(exc, case)
         return status, []
@@ -146,6 +159,12 @@ def process_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str
             rows, pending, size = [], [], 0
     _flush(rows, pending, ctx)
     return {"status": np.asarray([json.dumps(s) for s in out], dtype=object)}
+
+
+def case_descriptors(row: dict[str, Any], ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """``flat_map`` body for fitting the MPS prior: one ``desc`` [L, F] per crop of one case."""
+    _, rows = process_case(json.loads(row["case"]), dict(ctx, prior_fit=True, done=[]))
+    return [{"desc": r["prior_desc"]} for r in rows]
 
 
 def case_to_rows(row: dict[str, Any], ctx: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raymim.config import PrepareConfig, RaymimConfig, TrainConfig
-from raymim.data.patch_stats import blobness, cluster_patches, lesion_prob
+from raymim.data.patch_stats import PriorModel, blobness, cluster_patches, fit_prior, lesion_prob, patch_descriptors
 from raymim.masking.selection import lesion_token_mask, mps_masking
 from tests.methods.phantoms import lesion_masking_factor, phantom_batch
 
@@ -24,33 +24,58 @@ def test_blobness_prefers_blobs_to_edges_and_tubes():
 
 
 @pytest.mark.parametrize("algorithm", ["kmeans", "agglomerative", "dbscan"])
-def test_every_algorithm_gives_a_grid_with_a_lesion_cluster(algorithm: str):
-    img, _, _ = phantom_batch(1, size=32, seed=3)
-    cfg = PrepareConfig(crop_size=[32, 32, 32], lesion_prior=True, prior_patch=4, prior_algorithm=algorithm)
-    grid = lesion_prob(img[0, 0].numpy(), cfg)
-    assert grid.shape == (8, 8, 8) and grid.dtype == np.float32
-    assert 0.0 <= grid.min() and grid.max() == pytest.approx(1.0) and (grid >= 0.5).sum() < grid.size
+@pytest.mark.parametrize("scope", ["population", "volume"])
+def test_every_algorithm_gives_a_grid_with_a_lesion_cluster(algorithm: str, scope: str):
+    img, _, _ = phantom_batch(3, size=32, seed=3)
+    cfg = PrepareConfig(crop_size=[32, 32, 32], lesion_prior=True, prior_patch=4, prior_algorithm=algorithm,
+                        prior_scope=scope)
+    crops = [v[0].numpy() for v in img]
+    model = fit_prior(np.concatenate([patch_descriptors(c, 4) for c in crops]), cfg) if scope == "population" else None
+    grids = np.stack([lesion_prob(c, cfg, model) for c in crops])
+    assert grids.shape == (3, 8, 8, 8) and grids.dtype == np.float32
+    assert 0.0 <= grids.min() and grids.max() <= 1.0
+    share = float((grids >= 0.5).mean())  # the lesion cluster: a minority of the patches
+    assert 0.0 < share < 0.5, share
+    if scope == "population":  # about 1 - prior_quantile of the fit patches
+        assert share == pytest.approx(1 - cfg.prior_quantile, abs=0.03)
+        again = PriorModel.from_dict(model.to_dict())  # the JSON round trip scores the same
+        np.testing.assert_allclose(lesion_prob(crops[0], cfg, again), grids[0], rtol=1e-5)
 
 
-def test_cluster_patches_validates_the_algorithm():
+def test_config_and_fit_errors_are_clear():
     with pytest.raises(ValueError, match="spectral"):
         cluster_patches(np.zeros((8, 2)), "spectral", 2)
     with pytest.raises(ValueError, match="prior_patch"):
         PrepareConfig(crop_size=[30, 32, 32], lesion_prior=True, prior_patch=8)
+    with pytest.raises(ValueError, match="prior_scope"):
+        PrepareConfig(prior_scope="global")
+    with pytest.raises(ValueError, match="prior_quantile"):
+        PrepareConfig(prior_quantile=1.0)
+    assert PrepareConfig().prior_clusters == 32 and PrepareConfig(prior_scope="volume").prior_clusters == 4
+    cfg = PrepareConfig(crop_size=[32, 32, 32], lesion_prior=True)
+    with pytest.raises(ValueError, match="at least 64 patches"):
+        fit_prior(np.zeros((10, 7), np.float32), cfg)
+    with pytest.raises(ValueError, match="fitted prior model"):
+        lesion_prob(np.zeros((32, 32, 32), np.float32), cfg)
 
 
 @pytest.mark.slow
-def test_prior_masks_lesion_patches_more_often_than_random():
-    """24 phantoms at 64^3 (lesions 2-8 voxels across), 8^3 patches, mask ratio 0.1."""
+def test_prior_masks_lesion_patches_at_least_3x_as_often_as_random():
+    """24 phantoms at 64^3 (lesions 2-8 voxels across), 8^3 patches, mask ratio 0.1 (at most 10x)."""
     img, lab, _ = phantom_batch(24, size=64, seed=0)
+    crops = [v[0].numpy() for v in img]
     cfg = PrepareConfig(crop_size=[64, 64, 64], lesion_prior=True, prior_patch=8)
-    scores = torch.stack([torch.from_numpy(lesion_prob(v[0].numpy(), cfg)).flatten() for v in img])
+    model = fit_prior(np.concatenate([patch_descriptors(c, 8) for c in crops]), cfg)
+    scores = torch.stack([torch.from_numpy(lesion_prob(c, cfg, model)).flatten() for c in crops])
     lesion = lesion_token_mask(lab, 8)
     torch.manual_seed(0)
     factor = lesion_masking_factor(mps_masking(scores, 0.1).mask, lesion, 0.1)
-    print(f"MPS prior (k-means, intensity + blobness) lesion masking factor vs random at ratio 0.1: {factor:.2f}x")
-    # Issue target 3x: measured 3.5-4x on this set, 2.7-5x across phantom seeds (see bench/RESULTS.md).
-    assert factor >= 2.0
+    torch.manual_seed(0)
+    rand = lesion_masking_factor(mps_masking(torch.rand_like(scores), 0.1, threshold=1.0).mask, lesion, 0.1)
+    print(f"MPS prior (population k-means) lesion masking factor at ratio 0.1: {factor:.2f}x, random {rand:.2f}x")
+    # Issue target 3x with margin; measured 6.94x on this set (random 0.65x), 4.0-7.4x across phantom seeds
+    # (bench/RESULTS.md "MPS lesion masking").
+    assert factor >= 3.0 and rand < 2.0
 
 
 @pytest.mark.slow
@@ -70,7 +95,13 @@ def test_prepare_writes_lesion_prob_and_training_batches_carry_it(ray_session, p
     t = pq.read_table(next((out / "shards").glob("*.parquet")))
     assert t.schema.field("lesion_prob").type.shape == [4, 4, 4]
     grids = t["lesion_prob"].combine_chunks().to_numpy_ndarray()
-    assert grids.shape[1:] == (4, 4, 4) and np.all(grids.max(axis=(1, 2, 3)) > 0.99)
+    assert grids.shape[1:] == (4, 4, 4) and 0.0 <= grids.min() and grids.max() < 1.0
+    assert 0.0 < (grids >= 0.5).mean() < 0.5  # a lesion cluster in the population's tail
+    model_file = out / "prior_model.json"
+    saved = model_file.read_text()
+    assert "case" not in saved and "source" not in saved  # aggregate numbers only
+    again = prepare(phantoms, out, cfg, progress=False)  # resume: nothing redone, same model
+    assert again["skipped"] == 6 and model_file.read_text() == saved
 
     ds, _ = build_dataset(str(out), RaymimConfig(train=TrainConfig(steps=2)))  # the trainer's reader
     batch = next(iter(ds.iter_torch_batches(batch_size=2, collate_fn=BatchCollate())))
