@@ -96,17 +96,22 @@ def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
 # (bench/RESULTS.md, "data wait"), which dominates runs whose epochs are short. A pass is capped at
 # this many micro-batches per worker, which bounds the batches a resumed run skips to find its place.
 PASS_BATCHES = 2000
+# ... and at this many copies: the first batch of a union of N copies arrives only after about N
+# dataset passes' worth of start-up (measured ~6 s per copy on 12 tiny rows, bench/RESULTS.md "union
+# start-up"), so a tiny dataset with a long run (12 rows, 45k steps: 333 copies) looked hung.
+MAX_REPEAT = 8
 
 
 def epochs_per_pass(rows: int | None, cfg: RaymimConfig) -> int:
     """How many epochs one iterator pass covers: enough for the whole run when it is short,
-    at most :data:`PASS_BATCHES` micro-batches per worker; 1 when the row count is unknown."""
+    at most :data:`PASS_BATCHES` micro-batches per worker and :data:`MAX_REPEAT` epochs; 1 when the
+    row count is unknown."""
     tc = cfg.train
     if not rows:
         return 1
     per_epoch = max(1, rows // (tc.num_workers * tc.batch_size))
     needed = -(-tc.steps * tc.accumulation // per_epoch) + 1
-    return max(1, min(needed, PASS_BATCHES // per_epoch))
+    return max(1, min(needed, PASS_BATCHES // per_epoch, MAX_REPEAT))
 
 
 def build_dataset(data: str, cfg: RaymimConfig):

@@ -52,7 +52,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_epochs_per_pass_covers_short_runs_and_caps_long_ones():
     from raymim.config import load_config
-    from raymim.train.trainer import PASS_BATCHES, epochs_per_pass
+    from raymim.train.trainer import MAX_REPEAT, PASS_BATCHES, epochs_per_pass
 
     tiny = load_config(None, ["train.steps=60", "train.batch_size=4", "train.num_workers=2"])
     assert epochs_per_pass(96, tiny) == 6  # 12 batches per epoch: the whole run (5 epochs) in one pass
@@ -62,3 +62,4 @@ def test_epochs_per_pass_covers_short_runs_and_caps_long_ones():
     per_epoch = 40000 // 32
     assert epochs_per_pass(40000, big) == PASS_BATCHES // per_epoch
     assert epochs_per_pass(10**7, big) == 1
+    assert epochs_per_pass(12, big) == MAX_REPEAT  # tiny data, long run: 2000 batches would be 1000 copies
