@@ -10,9 +10,11 @@ every ``--steps / 4`` steps, measures on ``--test`` held-out phantoms:
   an untrained attention already prefers body tissue to air (factor > 1), so grounding shows as
   own > shuffled, not as > 1.
 
-Run (CPU, about 1 s per step at 64^3 on one core)::
+Run (CPU, about 1 s per step at 64^3 on one core; ``--fresh`` draws new phantoms every step
+instead of batches from ``--train`` fixed ones, about 1 s more per step)::
 
     .venv/bin/python bench/bench_medim_grounding.py --size 64 --patch 8 --steps 2000
+    .venv/bin/python bench/bench_medim_grounding.py --size 64 --patch 8 --steps 1600 --fresh
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--keys", default="embed", choices=["embed", "tokens"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    train_i, _, train_r = phantom_batch(args.train, args.size, seed=10)
+    train_i, _, train_r = phantom_batch(16 if args.fresh else args.train, args.size, seed=10)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
     named = named_patches(test_l, test_r, args.patch)
     shuffled = [test_r[(i + 1) % len(test_r)] for i in range(len(test_r))]
@@ -99,8 +102,12 @@ def main() -> None:
                   f"| {factors[2]:.2f} / {factors[3]:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
         if step == args.steps:
             break
-        idx = torch.randperm(args.train)[: args.batch]
-        out = method({"image": train_i[idx], "report": [train_r[i] for i in idx.tolist()]})
+        if args.fresh:
+            bi, _, br = phantom_batch(args.batch, args.size, seed=1000 + step)
+            out = method({"image": bi, "report": br})
+        else:
+            idx = torch.randperm(args.train)[: args.batch]
+            out = method({"image": train_i[idx], "report": [train_r[i] for i in idx.tolist()]})
         opt.zero_grad()
         out.loss.backward()
         opt.step()
