@@ -57,9 +57,7 @@ Example::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,7 +70,6 @@ from raymim.masking.tokens import patchify
 BLOB_SCALES = (1.0, 2.0)
 MIN_CLUSTER_SHARE = 0.01  # population scope: clusters with fewer patches are rare patterns, not anatomy
 FIT_MAX_PATCHES = {"kmeans": 50_000, "agglomerative": 4_000, "dbscan": 8_000}  # subsample (memory / time)
-MODEL_FILE = "prior_model.json"
 
 
 def blobness(volume: np.ndarray, sigma: float) -> np.ndarray:
@@ -126,9 +123,10 @@ class PriorModel:
 
     def distance(self, desc: np.ndarray) -> np.ndarray:
         """Distance of descriptors [..., F] to the nearest normal centre: [...]."""
-        z = (desc - self.mean) / self.scale
-        d2 = ((z[..., None, :] - self.centres) ** 2).sum(-1)
-        return np.sqrt(d2.min(-1))
+        from sklearn.metrics import pairwise_distances_argmin_min
+
+        z = ((desc - self.mean) / self.scale).reshape(-1, self.centres.shape[1])
+        return pairwise_distances_argmin_min(z, self.centres)[1].reshape(desc.shape[:-1])
 
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "centres": self.centres.tolist(),
@@ -139,20 +137,6 @@ class PriorModel:
         return cls(np.asarray(d["mean"], np.float32), np.asarray(d["scale"], np.float32),
                    np.asarray(d["centres"], np.float32), float(d["tau"]))
 
-    def save(self, path: str | Path, config_hash: str) -> None:
-        tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-        tmp.write_text(json.dumps({"config_hash": config_hash, **self.to_dict()}))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path, config_hash: str) -> PriorModel | None:
-        """The saved model when it exists and was fitted under ``config_hash``, else None."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            return None
-        return cls.from_dict(d) if d.get("config_hash") == config_hash else None
-
 
 def fit_prior(desc: np.ndarray, cfg: PrepareConfig) -> PriorModel:
     """Fit the population model on pooled descriptors [M, F] (:func:`patch_descriptors` rows)."""
@@ -161,10 +145,10 @@ def fit_prior(desc: np.ndarray, cfg: PrepareConfig) -> PriorModel:
         raise ValueError(f"the MPS prior needs at least {2 * cfg.prior_clusters} patches to fit "
                          f"{cfg.prior_clusters} clusters, got {len(desc)} (no usable crops in the fit sample?).")
     mean, scale = desc.mean(0), desc.std(0) + 1e-6
-    z = (desc - mean) / scale
     cap = FIT_MAX_PATCHES[cfg.prior_algorithm]
-    if len(z) > cap:
-        z = z[np.random.default_rng(cfg.seed).choice(len(z), cap, replace=False)]
+    if len(desc) > cap:
+        desc = desc[np.random.default_rng(cfg.seed).choice(len(desc), cap, replace=False)]
+    z = (desc - mean) / scale
     labels = cluster_patches(z, cfg.prior_algorithm, cfg.prior_clusters, cfg.prior_eps, cfg.seed)
     ids = [c for c in np.unique(labels) if c >= 0 and (labels == c).mean() >= MIN_CLUSTER_SHARE]
     if not ids:  # e.g. DBSCAN with a tiny eps: everything is noise; the sample mean is the anatomy
@@ -172,8 +156,7 @@ def fit_prior(desc: np.ndarray, cfg: PrepareConfig) -> PriorModel:
     else:
         centres = np.stack([z[labels == c].mean(0) for c in ids]).astype(np.float32)
     model = PriorModel(mean, scale, centres, 1.0)
-    d = np.sqrt(((z[:, None, :] - centres) ** 2).sum(-1).min(-1))
-    model.tau = max(float(np.quantile(d, cfg.prior_quantile)), 1e-6)
+    model.tau = max(float(np.quantile(model.distance(desc), cfg.prior_quantile)), 1e-6)
     return model
 
 
@@ -198,5 +181,5 @@ def lesion_prob(crop: np.ndarray, cfg: PrepareConfig, model: PriorModel | None =
     return scores.reshape(grid).numpy().astype(np.float32)
 
 
-__all__ = ["BLOB_SCALES", "MIN_CLUSTER_SHARE", "MODEL_FILE", "PriorModel", "blobness", "cluster_patches",
+__all__ = ["BLOB_SCALES", "MIN_CLUSTER_SHARE", "PriorModel", "blobness", "cluster_patches",
            "fit_prior", "lesion_prob", "patch_descriptors"]

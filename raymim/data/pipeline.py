@@ -88,25 +88,31 @@ def _prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str,
         return None
     import numpy as np
 
-    from raymim.data.patch_stats import MODEL_FILE, PriorModel, fit_prior
+    from raymim.data.patch_stats import PriorModel, fit_prior
 
-    path = out / MODEL_FILE if out is not None else None
-    if path is not None and (saved := PriorModel.load(path, ctx["config_hash"])) is not None:
-        return saved.to_dict()
+    path = out / shard_io.PRIOR_MODEL_FILE if out is not None else None
+    try:  # a resumed run scores with the model it started with (an unreadable file is refitted)
+        saved = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("config_hash") == ctx["config_hash"]:
+        return PriorModel.from_dict(saved).to_dict()
     usable = [c for c in cases if not c.get("error")]
     n = min(int(cfg.prior_fit_cases), len(usable))
     sample = [usable[i] for i in sorted({round(x) for x in np.linspace(0, len(usable) - 1, n)})] if n else []
     if progress:
         print(f"fitting the MPS lesion prior on the crops of {len(sample)} of {len(cases)} cases", file=sys.stderr)
-    descs = [b["desc"].reshape(-1, b["desc"].shape[-1]) for b in _cases_dataset(sample, 1).flat_map(
-        case_descriptors, fn_kwargs={"ctx": ctx}, num_cpus=1).iter_batches(batch_size=None, batch_format="numpy")
-        if len(b["desc"])] if sample else []
+    descs = []
+    if sample:
+        ds = _cases_dataset(sample, 1).flat_map(case_descriptors, fn_kwargs={"ctx": ctx}, num_cpus=1)
+        descs = [b["desc"].reshape(-1, b["desc"].shape[-1])
+                 for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b["desc"])]
     try:
-        model = fit_prior(np.concatenate(descs) if descs else np.zeros((0, 7), np.float32), cfg)
+        model = fit_prior(np.concatenate(descs) if descs else np.empty((0, 0), np.float32), cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if path is not None:
-        model.save(path, ctx["config_hash"])
+        _atomic_text(path, json.dumps({"config_hash": ctx["config_hash"], **model.to_dict()}))
     return model.to_dict()
 
 
@@ -119,7 +125,7 @@ def _cluster_cpus() -> int:
 def _reset(out: Path) -> None:
     for sub in (shard_io.SHARDS_DIR, shard_io.STATUS_DIR):
         shutil.rmtree(out / sub, ignore_errors=True)
-    for name in ("manifest.json", "quarantine.csv", "prior_model.json"):
+    for name in ("manifest.json", "quarantine.csv", shard_io.PRIOR_MODEL_FILE):
         (out / name).unlink(missing_ok=True)
 
 

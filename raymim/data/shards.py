@@ -58,6 +58,7 @@ SCHEMA_VERSION = 1
 COMMIT_KEY = b"raymim.commit"
 SHARDS_DIR = "shards"
 STATUS_DIR = "_status"  # commit records of batches that produced no crop at all
+PRIOR_MODEL_FILE = "prior_model.json"  # MPS prior's population model (raymim.data.patch_stats)
 ROW_GROUP_BYTES = 32 << 20
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "uint8": pa.uint8()}
 
