@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymim.config import ModelConfig  # noqa: E402
+from raymim.data.synth import LESION  # noqa: E402
 from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.tokens import patchify  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
@@ -43,14 +44,23 @@ ORGAN_LABEL = {("right", "liver"): 2, ("right", "kidney"): 3, ("left", "kidney")
 
 
 def named_patches(labels: torch.Tensor, reports: list[str], patch: int) -> torch.Tensor:
-    """[N, L] bool: patches at least 25 % inside an organ + side that the report names."""
+    """[N, L] bool: patches at least 25 % inside an organ + side that the report names, its lesions included.
+
+    The generator overwrites a lesion's voxels with label 8 (``LESION``) and names every lesion it
+    places in the report, so the named region is the named organs' labels plus every label-8 voxel.
+    """
     masks = []
     for lab, rep in zip(labels, reports, strict=True):
-        m = torch.zeros_like(lab, dtype=torch.bool)
+        m = lab == LESION
         for side, organ in re.findall(r"in the (right|left) (liver|kidney|lung)", rep):
             m |= lab == ORGAN_LABEL[(side, organ)]
         masks.append(m)
     return patchify(torch.stack(masks).float(), patch).mean(-1) >= 0.25
+
+
+def lesion_patches(labels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, L] bool: patches holding any lesion voxel."""
+    return patchify((labels == LESION).float(), patch).amax(-1) > 0
 
 
 def main() -> None:
@@ -59,30 +69,37 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--train", type=int, default=256)
-    ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--test", type=int, default=36)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--keys", default="embed", choices=["embed", "tokens"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
+    ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
+    ap.add_argument("--evals", type=int, default=4, help="evaluations over the run (plus one before it)")
+    ap.add_argument("--save", help="write the trained method's state_dict here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train_i, _, train_r = phantom_batch(16 if args.fresh else args.train, args.size, seed=10)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
     named = named_patches(test_l, test_r, args.patch)
-    shuffled = [test_r[(i + 1) % len(test_r)] for i in range(len(test_r))]
-    cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, text_dim=48, text_max_len=48)
+    lesion = lesion_patches(test_l, args.patch)
+    shuffled = [test_r[(i + 3) % len(test_r)] for i in range(len(test_r))]  # a same-site report
+    site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
+    same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
+    cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
+                      text_dim=48, text_max_len=48)
     cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=48, mlp_dim=96, num_layers=2,
                             num_heads=4, decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
     torch.manual_seed(0)
     method = build_method("medim", cfg)
     opt = torch.optim.AdamW(method.parameters(), lr=args.lr)
     print(f"chance local loss log({args.batch}) = {math.log(args.batch):.2f}")
-    print("| step | held-out local loss | named factor @0.1 own / shuffled | @0.25 own / shuffled | s |\n"
-          "|---|---|---|---|---|")
+    print("| step | held-out local loss | named factor @0.1 own / shuffled | @0.25 own / shuffled "
+          "| lesion factor @0.1 own / shuffled | same-site above own | s |\n|---|---|---|---|---|---|---|")
     start = time.perf_counter()
     for step in range(args.steps + 1):
-        if step % max(1, args.steps // 4) == 0:
+        if step % max(1, args.steps // args.evals) == 0 or step == args.steps:
             method.eval()
             with torch.no_grad():
                 own = method.report_attention(test_i, test_r)
@@ -91,23 +108,32 @@ def main() -> None:
                 local = [float(_symmetric_ce(word_region_scores(own["q"][i:i + b], own["q_valid"][i:i + b],
                                                                 own["keys"][i:i + b]) / cfg.method.tau))
                          for i in range(0, len(test_i) - b + 1, b)]
+                # Shortcut probe: how often a same-site image outscores report i's own image (chance 0.5).
+                full = word_region_scores(own["q"], own["q_valid"], own["keys"])
+                above = float(((full > full.diag()[:, None]) & same_site).sum() / same_site.sum())
                 has = torch.ones(len(test_i), dtype=torch.bool)
                 factors = []
                 for ratio in (0.1, 0.25):
                     for amap in (own["map"], other["map"]):
                         mask = report_guided_masking(amap, ratio, 0.0, has).mask.bool()
                         factors.append(float((mask & named).sum() / named.sum()) / ratio)
+                        if ratio == 0.1:
+                            factors.append(float((mask & lesion).sum() / lesion.sum()) / ratio)
             method.train()
-            print(f"| {step} | {sum(local) / len(local):.3f} | {factors[0]:.2f} / {factors[1]:.2f} "
-                  f"| {factors[2]:.2f} / {factors[3]:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
+            print(f"| {step} | {sum(local) / len(local):.3f} | {factors[0]:.2f} / {factors[2]:.2f} "
+                  f"| {factors[4]:.2f} / {factors[5]:.2f} | {factors[1]:.2f} / {factors[3]:.2f} "
+                  f"| {above:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
         if step == args.steps:
+            if args.save:
+                torch.save(method.state_dict(), args.save)
             break
         if args.fresh:
             bi, _, br = phantom_batch(args.batch, args.size, seed=1000 + step)
-            out = method({"image": bi, "report": br})
+            out = method({"image": bi, "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)]})
         else:
             idx = torch.randperm(args.train)[: args.batch]
-            out = method({"image": train_i[idx], "report": [train_r[i] for i in idx.tolist()]})
+            out = method({"image": train_i[idx], "report": [train_r[i] for i in idx.tolist()],
+                          "domain": [f"site{i % 3}" for i in idx.tolist()]})
         opt.zero_grad()
         out.loss.backward()
         opt.step()

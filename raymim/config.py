@@ -232,6 +232,9 @@ class MethodConfig:
     medim_align_weight: float = 1.0  # weight of the image-report alignment loss
     # Patch keys of the word attention: "embed" (patch embedding + position) or "tokens" (encoder, all tokens)
     medim_keys: str = "embed"
+    # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
+    # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
+    medim_negatives: str = "batch"
     text_dim: int = 96
     text_layers: int = 1
     text_max_len: int = 64
@@ -262,6 +265,7 @@ class MethodConfig:
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
         _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed"))
+        _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
         for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):
             _check_positive(f"method.{name}", getattr(self, name))

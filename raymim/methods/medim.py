@@ -69,15 +69,31 @@ from raymim.models.heads import ProjectionHead
 from raymim.models.text import Encoded, ReportTokenizer, TextEncoder, load_keywords
 
 
-def _info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+def _info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / tau
-    return _symmetric_ce(logits)
+    return _symmetric_ce(logits, allowed)
 
 
-def _symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of a [M, M] score matrix whose diagonal holds the positives."""
+def _symmetric_ce(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of a [M, M] score matrix whose diagonal holds the positives.
+
+    ``allowed`` [M, M] bool (diagonal true) keeps only those pairs as negatives.
+    """
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def same_domain(domains: list[Any] | None, device: torch.device | None = None) -> torch.Tensor | None:
+    """[n, n] bool: pairs from the same domain (a missing domain counts as one more domain); None if all alike."""
+    if domains is None:
+        return None
+    names = ["" if d is None else str(d) for d in domains]
+    if len(set(names)) < 2:
+        return None
+    ids = torch.tensor([sorted(set(names)).index(d) for d in names], device=device)
+    return ids.unsqueeze(0) == ids.unsqueeze(1)
 
 
 def word_region_scores(query: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -136,19 +152,23 @@ class MedIM(MAE):
         attn_map = mean_attention(patch_attention(q, keys, q_valid), q_valid)  # [M, L]
         return {"enc": enc, "feats": feats, "keys": keys, "q": q, "q_valid": q_valid, "map": attn_map}
 
-    def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(word-region InfoNCE, GLoRIA-style, over the batch; report-image InfoNCE over the batch)."""
+    def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor,
+                       domains: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(word-region InfoNCE, GLoRIA-style; report-image InfoNCE), over the batch or its same-domain pairs."""
         tau = self.config.method.tau
         local = latent.new_zeros(())
         if latent.shape[0] < 2:
             return local, local  # no negatives
+        allowed = None
+        if self.config.method.medim_negatives == "domain":
+            allowed = same_domain(domains, latent.device)
         rows = r["q_valid"].any(1)  # reports with at least one query
         if int(rows.sum()) > 1:
             scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows])
-            local = _symmetric_ce(scores / tau)
+            local = _symmetric_ce(scores / tau, None if allowed is None else allowed[rows][:, rows])
         words = ~r["enc"].padding
         text = (r["feats"] * words.unsqueeze(-1)).sum(1) / words.sum(1, keepdim=True).clamp_min(1)
-        return local, _info_nce(self.img_proj(latent.mean(1)), self.txt_proj(text), tau)
+        return local, _info_nce(self.img_proj(latent.mean(1)), self.txt_proj(text), tau, allowed)
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         mc = self.config.method
@@ -168,7 +188,10 @@ class MedIM(MAE):
         loss_rec = self.forward_loss(imgs, pred, tm.mask)
         loss_local = loss_global = loss_rec.new_zeros(())
         if r is not None:
-            loss_local, loss_global = self.alignment_loss(r, latent[has])
+            domains = batch.get("domain")
+            rows = has.nonzero().flatten().tolist()
+            loss_local, loss_global = self.alignment_loss(
+                r, latent[has], None if domains is None else [domains[i] for i in rows])
         loss_align = loss_local + loss_global
         loss = loss_rec + mc.medim_align_weight * loss_align
         metrics = {"loss": float(loss.detach()), "loss_rec": float(loss_rec.detach()),
@@ -178,4 +201,4 @@ class MedIM(MAE):
         return MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
 
 
-__all__ = ["MedIM", "word_region_scores"]
+__all__ = ["MedIM", "same_domain", "word_region_scores"]

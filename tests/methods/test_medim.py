@@ -10,7 +10,7 @@ from torch import nn
 
 from raymim.masking.report_guided import report_guided_masking
 from raymim.methods import build_method
-from raymim.methods.medim import word_region_scores
+from raymim.methods.medim import _symmetric_ce, same_domain, word_region_scores
 
 from .conftest import tiny_config
 from .phantoms import phantom_batch
@@ -104,3 +104,30 @@ def test_text_encoder_can_be_replaced():
     out = method({"image": img, "report": reports})
     out.loss.backward()
     assert method.text_encoder.calls == 1 and method.text_encoder.table.weight.grad is not None
+
+
+def test_domain_negatives_compare_reports_and_images_within_a_domain():
+    """medim_negatives="domain": only same-domain pairs are negatives, so site cues cannot score."""
+    allowed = same_domain(["site0", "site1", "site0", None])
+    assert allowed.tolist() == [[True, False, True, False], [False, True, False, False],
+                                [True, False, True, False], [False, False, False, True]]
+    assert same_domain(None) is None and same_domain(["a", "a"]) is None  # one domain: the whole batch
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4)
+    blocks = same_domain(["a", "b", "a", "b"])
+    per_block = [_symmetric_ce(logits[idx][:, idx]) for idx in ([0, 2], [1, 3])]
+    assert _symmetric_ce(logits, blocks).item() == pytest.approx(sum(per_block).item() / 2, rel=1e-6)
+
+    img, _, reports = phantom_batch(4)
+    cfg = tiny_config("medim", medim_negatives="domain", text_dim=32, text_max_len=32)
+    torch.manual_seed(0)
+    method = build_method("medim", cfg)
+    alone = method({"image": img, "report": reports, "domain": ["s0", "s1", "s2", "s3"]})
+    assert alone.metrics["loss_local"] == 0.0 and alone.metrics["loss_global"] == 0.0  # no negatives
+    torch.manual_seed(1)
+    shared = method({"image": img, "report": reports, "domain": ["s0"] * 4})
+    torch.manual_seed(1)
+    no_column = method({"image": img, "report": reports})
+    assert shared.metrics["loss_local"] > 0 and shared.metrics["loss_local"] == no_column.metrics["loss_local"]
+    with pytest.raises(ValueError, match="medim_negatives"):
+        tiny_config("medim", medim_negatives="site")
