@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=36)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--keys", default="embed", choices=["embed", "tokens"])
+    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")

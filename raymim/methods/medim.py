@@ -85,6 +85,20 @@ def _symmetric_ce(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def patch_statistics(imgs: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, C, D, H, W] -> [N, L, 4C] per-patch (mean, std, mean - 3^3-neighbourhood mean, its absolute value),
+    z-scored over each image's patches; tokens in the encoder's (d, h, w) order.
+
+    Non-linear, polarity-free local contrast that a linear patch embedding cannot compute: a
+    hypodense and a hyperdense lesion both stand out in ``std`` and ``|dev|``.
+    """
+    mean = F.avg_pool3d(imgs, patch)
+    std = (F.avg_pool3d(imgs * imgs, patch) - mean * mean).clamp_min(0.0).sqrt()
+    dev = mean - F.avg_pool3d(mean, 3, stride=1, padding=1, count_include_pad=False)
+    feats = torch.cat([mean, std, dev, dev.abs()], 1).flatten(2).transpose(1, 2)  # [N, L, 4C]
+    return (feats - feats.mean(1, keepdim=True)) / feats.std(1, keepdim=True).clamp_min(1e-6)
+
+
 def same_domain(domains: list[Any] | None, device: torch.device | None = None) -> torch.Tensor | None:
     """[n, n] bool: pairs from the same domain (a missing domain counts as one more domain); None if all alike."""
     if domains is None:
@@ -120,6 +134,7 @@ class MedIM(MAE):
         self.text_encoder: nn.Module = TextEncoder(self.tokenizer.vocab_size, mc.text_dim, mc.text_layers,
                                                    max_len=mc.text_max_len)
         self.key_proj = nn.Linear(m.hidden_size, mc.text_dim)
+        self.stat_proj = nn.Linear(4 * m.in_channels, mc.text_dim) if mc.medim_keys == "stats" else None
         self.img_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
         self.txt_proj = ProjectionHead(mc.text_dim, mc.proj_dim)
 
@@ -129,7 +144,10 @@ class MedIM(MAE):
             tokens = self.encoder.forward_tokens(imgs)
         else:
             tokens = self.encoder.embed_patches(imgs, None) + self.encoder.patch_embedding.position_embeddings
-        return self.key_proj(tokens)
+        keys = self.key_proj(tokens)
+        if self.stat_proj is not None:
+            keys = keys + self.stat_proj(patch_statistics(imgs, self.patch))
+        return keys
 
     def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask-query features [M, Q, D] and validity [M, Q] for KDM (keywords) or SDM (a sentence)."""
@@ -201,4 +219,4 @@ class MedIM(MAE):
         return MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
 
 
-__all__ = ["MedIM", "same_domain", "word_region_scores"]
+__all__ = ["MedIM", "patch_statistics", "same_domain", "word_region_scores"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from raymim.masking.report_guided import report_guided_masking
 from raymim.methods import build_method
-from raymim.methods.medim import _symmetric_ce, same_domain, word_region_scores
+from raymim.methods.medim import _symmetric_ce, patch_statistics, same_domain, word_region_scores
 
 from .conftest import tiny_config
 from .phantoms import phantom_batch
@@ -131,3 +131,22 @@ def test_domain_negatives_compare_reports_and_images_within_a_domain():
     assert shared.metrics["loss_local"] > 0 and shared.metrics["loss_local"] == no_column.metrics["loss_local"]
     with pytest.raises(ValueError, match="medim_negatives"):
         tiny_config("medim", medim_negatives="site")
+
+
+def test_stat_keys_single_out_both_lesion_polarities():
+    """medim_keys="stats": a darker and a brighter blob both stand out in |dev| (a linear embedding cannot)."""
+    noise = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    img = 0.5 + 0.01 * noise
+    img[0, :, 10:14, 10:14, 10:14] -= 0.05  # hypodense, token (1, 1, 1)
+    img[1, :, 18:22, 2:6, 26:30] += 0.05  # hyperdense, token (2, 0, 3)
+    stats = patch_statistics(img, 8)
+    assert stats.shape == (2, 64, 4)
+    assert torch.allclose(stats.mean(1), torch.zeros(2, 4), atol=1e-5)  # z-scored per image
+    for n, token in ((0, 1 * 16 + 1 * 4 + 1), (1, 2 * 16 + 0 * 4 + 3)):
+        assert stats[n, :, 1].argmax() == token and stats[n, :, 3].argmax() == token  # std and |dev|
+    assert stats[0, 21, 2] < 0 < stats[1, 35, 2]  # the signed deviation keeps the polarity
+    method = build_method("medim", tiny_config("medim", medim_keys="stats", text_dim=32, text_max_len=32))
+    _, _, reports = phantom_batch(2)
+    out = method({"image": img, "report": reports})
+    out.loss.backward()
+    assert method.stat_proj.weight.grad is not None and method.stat_proj.weight.grad.abs().sum() > 0
