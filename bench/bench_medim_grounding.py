@@ -4,17 +4,21 @@ Trains ``medim`` (KDM, tiny ViT) on ``--train`` phantoms of ``--size``^3 with th
 every ``--steps / 4`` steps, measures on ``--test`` held-out phantoms:
 
 * the held-out word-region (local) InfoNCE loss in batches of 16 (chance: log 16 = 2.77);
-* the *named-organ factor*: P(masked | patch is >= 25 % the organ + side a finding names) / ratio,
-  with KDM's most-attended masking (no low-attention share) at ratios 0.1 and 0.25;
-* the same factor when each image is masked with *another* image's report (shuffled control):
-  an untrained attention already prefers body tissue to air (factor > 1), so grounding shows as
-  own > shuffled, not as > 1.
+* the *named-organ factor*: P(masked | patch is >= 25 % the organ + side a finding names, its
+  lesions included) / ratio, with KDM's most-attended masking (no low-attention share) at ratios
+  0.1 and 0.25, and the *lesion factor* (patches holding a lesion voxel) at 0.1;
+* the same factors when each image is masked with another **same-site** image's report (shuffled
+  control): an untrained attention already prefers body tissue to air (factor > 1), so grounding
+  shows as own > shuffled, not as > 1;
+* a site-shortcut probe: the share of same-site images whose score for report i beats image i's
+  own (chance 0.50; the held-out loss can fall on site cues alone, with this at chance).
 
 Run (CPU, about 1 s per step at 64^3 on one core; ``--fresh`` draws new phantoms every step
 instead of batches from ``--train`` fixed ones, about 1 s more per step)::
 
     .venv/bin/python bench/bench_medim_grounding.py --size 64 --patch 8 --steps 2000
     .venv/bin/python bench/bench_medim_grounding.py --size 64 --patch 8 --steps 1600 --fresh
+    .venv/bin/python bench/bench_medim_grounding.py --fresh --negatives domain --keys stats --steps 800 --evals 8
 """
 
 from __future__ import annotations

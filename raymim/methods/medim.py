@@ -32,17 +32,26 @@ to the text width.
 Patch keys (``method.medim_keys``): ``"embed"`` (default, as before) is the patch embedding plus
 position, projected; ``"tokens"`` runs the encoder over all tokens of the unmasked image (with
 gradients, as GLoRIA trains its image encoder through the local loss): contextual, non-linear
-features, at the cost of one more encoder pass over all tokens.
+features, at the cost of one more encoder pass over all tokens; ``"stats"`` adds projected
+per-patch intensity statistics (:func:`patch_statistics`: mean, std, deviation from the
+neighbourhood and its absolute value, z-scored per image) to ``"embed"``: polarity-free local
+contrast that a linear patch embedding cannot compute, for almost no cost.
 
-Limitation, measured: grounding is not shown on phantoms. On 32^3 phantoms (a tiny ViT, patch 4
-or 8, batches of 16 fresh phantoms, up to 600 AdamW steps) the local loss stays at chance (log 16)
-with either key type. At 64^3 (``bench/bench_medim_grounding.py``, 256 training phantoms, 2000
-steps) the *training* local loss falls to 1.7 while the held-out one stays at or above chance
-(2.76-3.04): the model memorises its phantoms instead of finding lesions. With fresh phantoms
-every step (``--fresh``, 1600 steps) the held-out local loss does fall (2.78 -> 2.56), but the
-named organ is still not masked more often than with a shuffled report. With patch keys that plainly show the lesions
-(a synthetic check), the same loss and text encoder do learn (held-out 2.78 -> 2.43 in 400 steps),
-so the image side, not the loss, is what falls short in a short CPU budget.
+Negatives (``method.medim_negatives``): ``"batch"`` (default) uses every other report / image of
+the batch; ``"domain"`` keeps only pairs of the same ``domain`` column, so that site cues (report
+templates, lesion sizes in mm, scanner noise and field of view) cannot lower the loss. A row
+alone in its domain has no negatives and adds no alignment loss.
+
+Limitation, measured (``bench/bench_medim_grounding.py``, bench/RESULTS.md "MedIM grounding"):
+grounding is not shown on phantoms. With batch negatives and fresh phantoms every step, the
+held-out local loss does fall below chance (2.78 -> 2.58 in 800 steps at 64^3), but through a
+site shortcut: a report's own image is not ranked above other images of the same site (0.49,
+chance 0.50), and the own-report masks do not cover the named organ or its lesions more than a
+same-site shuffled report's. With ``medim_negatives="domain"`` and either ``"embed"``,
+``"tokens"`` or ``"stats"`` keys the held-out loss stays at chance for 200-800 CPU steps. With
+synthetic keys that plainly show the lesions, the same loss and text encoder do learn (held-out
+2.78 -> 2.43 in 400 steps): the image side, finding 0.01-0.04 contrast lesions, is what a short
+CPU run does not achieve.
 
 ``L = L_rec + medim_align_weight * (L_local + L_global)``.
 
