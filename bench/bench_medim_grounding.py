@@ -28,6 +28,7 @@ import math
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -67,6 +68,17 @@ def lesion_patches(labels: torch.Tensor, patch: int) -> torch.Tensor:
     return patchify((labels == LESION).float(), patch).amax(-1) > 0
 
 
+def train_pool(n: int, size: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` training phantoms (sites cycle 0, 1, 2 by index), drawn in chunks of 48 on ``workers`` processes."""
+    chunks = [(min(48, n - s), size, 10_000 + s) for s in range(0, n, 48)]
+    if workers <= 1:
+        parts = [phantom_batch(*c) for c in chunks]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(phantom_batch, *zip(*chunks, strict=True)))
+    return torch.cat([p[0] for p in parts]), [r for p in parts for r in p[2]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64)
@@ -82,9 +94,15 @@ def main() -> None:
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
     ap.add_argument("--evals", type=int, default=4, help="evaluations over the run (plus one before it)")
     ap.add_argument("--save", help="write the trained method's state_dict here")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the phantoms are drawn on the CPU)")
+    ap.add_argument("--workers", type=int, default=1, help="processes drawing the --train phantoms")
+    ap.add_argument("--hidden", type=int, default=48, help="ViT width (text width follows)")
+    ap.add_argument("--layers", type=int, default=2, help="ViT depth")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop training (final evaluation) after this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    train_i, _, train_r = phantom_batch(16 if args.fresh else args.train, args.size, seed=10)
+    dev = torch.device(args.device)
+    train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, args.workers)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
     named = named_patches(test_l, test_r, args.patch)
     lesion = lesion_patches(test_l, args.patch)
@@ -92,17 +110,24 @@ def main() -> None:
     site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
     same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
     cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
-                      text_dim=48, text_max_len=48)
-    cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=48, mlp_dim=96, num_layers=2,
-                            num_heads=4, decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
+                      text_dim=args.hidden, text_max_len=48)
+    cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
+                            mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
+                            decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
     torch.manual_seed(0)
-    method = build_method("medim", cfg)
+    method = build_method("medim", cfg).to(dev)
+    test_i = test_i.to(dev)
+    named, lesion, same_site = named.to(dev), lesion.to(dev), same_site.to(dev)
+    if train_i is not None:
+        train_i = train_i.to(dev)
     opt = torch.optim.AdamW(method.parameters(), lr=args.lr)
     print(f"chance local loss log({args.batch}) = {math.log(args.batch):.2f}")
     print("| step | held-out local loss | named factor @0.1 own / shuffled | @0.25 own / shuffled "
           "| lesion factor @0.1 own / shuffled | same-site above own | s |\n|---|---|---|---|---|---|---|")
     start = time.perf_counter()
     for step in range(args.steps + 1):
+        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+            args.steps = step  # out of time: evaluate, save and stop here
         if step % max(1, args.steps // args.evals) == 0 or step == args.steps:
             method.eval()
             with torch.no_grad():
@@ -115,7 +140,7 @@ def main() -> None:
                 # Shortcut probe: how often a same-site image outscores report i's own image (chance 0.5).
                 full = word_region_scores(own["q"], own["q_valid"], own["keys"])
                 above = float(((full > full.diag()[:, None]) & same_site).sum() / same_site.sum())
-                has = torch.ones(len(test_i), dtype=torch.bool)
+                has = torch.ones(len(test_i), dtype=torch.bool, device=dev)
                 factors = []
                 for ratio in (0.1, 0.25):
                     for amap in (own["map"], other["map"]):
@@ -133,7 +158,7 @@ def main() -> None:
             break
         if args.fresh:
             bi, _, br = phantom_batch(args.batch, args.size, seed=1000 + step)
-            out = method({"image": bi, "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)]})
+            out = method({"image": bi.to(dev), "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)]})
         else:
             idx = torch.randperm(args.train)[: args.batch]
             out = method({"image": train_i[idx], "report": [train_r[i] for i in idx.tolist()],

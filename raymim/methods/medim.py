@@ -208,7 +208,7 @@ class MedIM(MAE):
         if bool(has.any()):
             rows = has.nonzero().flatten()
             r = self.report_attention(imgs[rows], [reports[i] for i in rows.tolist()])
-            attn[rows] = r["map"].detach()
+            attn[rows] = r["map"].detach().float()  # bf16 under autocast
         tm = report_guided_masking(attn, mc.mask_ratio, mc.medim_low_share, has)
         latent = self.forward_encoder(imgs, tm)
         pred, _ = self.forward_decoder(latent, tm.ids_restore)

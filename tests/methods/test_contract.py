@@ -75,3 +75,20 @@ def test_overfits_one_phantom(name: str, backbone: str, volume: torch.Tensor):
     start, end = sum(history[:5]) / 5, sum(history[-10:]) / 10
     assert end < start / 10, f"{key}: {start:.4f} -> {end:.4f}"
     assert sum(totals[-10:]) < sum(totals[:5]) * 2  # the total loss falls too
+
+
+@pytest.mark.parametrize("name,backbone", [c for c in CASES if c[1] != "swin"])
+def test_bf16_autocast(name: str, backbone: str, volume: torch.Tensor):
+    """Every method runs under the training loop's bf16 autocast (the GPU default), report path included."""
+    from raymim.train.schedule import autocast
+
+    batch = {"image": volume.repeat(2, 1, 1, 1, 1), "domain": ["site0", "site1"],
+             "report": ["A 12 mm hypodense lesion in the right liver.", "A 7 mm nodule in the left lung."]}
+    torch.manual_seed(0)
+    method = build_method(name, tiny_config(name, backbone))
+    with autocast("bf16", torch.device("cpu")):
+        out = method(batch)
+    assert torch.isfinite(out.loss)
+    assert all(math.isfinite(v) for v in out.metrics.values())
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())

@@ -1,0 +1,217 @@
+"""GPU path, mixed precision and throughput of every method at the paper shape (ViT-B, 96^3, patch 16).
+
+Needs a CUDA GPU; imports only ``raymim.config``, ``raymim.methods`` and
+``raymim.train.schedule`` (no Ray, no MLflow), so it runs where only torch, MONAI and nibabel
+are installed. One training step = forward + backward + AdamW step on a batch of ``--batch``
+phantom crops, with the same precision helpers the Ray Train loop uses
+(:func:`~raymim.train.schedule.resolve_precision`, :func:`~raymim.train.schedule.autocast`,
+:func:`~raymim.train.schedule.build_scaler`).
+
+Per method, for fp32 and bf16 (``precision="auto"`` resolves to bf16 on Hopper):
+
+* the median step time over ``--reps`` steps (CUDA events, after ``--warmup`` steps), samples/s;
+* training FLOPs per step (``torch.utils.flop_counter``, fp32 pass) and the achieved TFLOP/s,
+  as a share of the bf16 matrix-product ceiling measured at the start of the same run;
+* peak GPU memory;
+* an AMP check: ``--fit-steps`` steps of bf16 training on one fixed batch, first and last loss
+  (must be finite and lower) and the relative gap between the bf16 and fp32 losses of the same
+  masked forward at the start.
+
+Baselines, same run: bf16 vs fp32 (speed-up ratio) and each method vs MAE at the same precision.
+
+Run (on the lent GPU machine; results go to bench/RESULTS.md and bench/results/ by hand)::
+
+    python3 bench/bench_gpu.py --batch 8 --reps 20 --json gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.methods import build_method
+from raymim.train.schedule import autocast, build_scaler, resolve_precision
+
+VIT_B = dict(hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12)  # decoder: the package default
+REPORTS = ["CT abdomen. A 14 mm hypodense lesion in the right liver.",
+           "CT chest. A 9 mm nodule in the left lung. No other finding.",
+           "CT abdomen. A 11 mm hyperdense lesion in the left kidney."]
+
+# (label, method name, backbone, MethodConfig overrides)
+CASES = [
+    ("mae", "mae", "vit", {"mask_ratio": 0.75}),
+    ("simmim", "simmim", "vit", {"mask_ratio": 0.6}),
+    ("simmim-swin", "simmim", "swin", {"mask_ratio": 0.6}),
+    ("mim", "mim", "vit", {"mask_ratio": 0.6, "levels": 3, "level_sizes": [384, 96, 16], "gamma": 4}),
+    ("mps_ams-online", "mps_ams", "vit", {"mask_ratio": 0.75, "mps_mode": "online", "levels": 1}),
+    ("medim-kdm", "medim", "vit", {"mask_ratio": 0.75, "medim_mode": "kdm"}),
+    ("hssl", "hssl", "vit", {"mask_ratio": 0.75}),
+    ("simclr", "simclr", "vit", {}),
+]
+
+
+def config(name: str, backbone: str, overrides: dict, img: int) -> RaymimConfig:
+    model = ModelConfig(backbone=backbone, img_size=img, patch_size=16, **VIT_B)
+    return RaymimConfig(model=model, method=MethodConfig(name=name, **overrides))
+
+
+def make_batch(n: int, img: int, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    z, y, x = torch.meshgrid(*(torch.linspace(-1, 1, img),) * 3, indexing="ij")
+    body = ((z / 0.9) ** 2 + (y / 0.8) ** 2 + (x / 0.7) ** 2 < 1).float()
+    vols = []
+    for _ in range(n):
+        c = torch.rand(3, generator=g) * 0.8 - 0.4
+        blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 0.15 ** 2).float()
+        vols.append((0.3 * body + 0.25 * blob + 0.01 * torch.randn(body.shape, generator=g)).clamp(0, 1))
+    return {"image": torch.stack(vols)[:, None].to(device),
+            "report": [REPORTS[i % len(REPORTS)] for i in range(n)],
+            "domain": [f"site{i % 3}" for i in range(n)]}
+
+
+def matmul_ceiling(device: torch.device) -> float:
+    """bf16 TFLOP/s of an 8192^3 matrix product (median of 10 after 3 warm-ups), random data."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def step_fn(method, opt, scaler, batch, precision, device):
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            out = method(batch)
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return out.loss.detach()
+
+    return step
+
+
+def time_steps(step, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return times
+
+
+def run_case(label, name, backbone, overrides, args, device, peak) -> dict:
+    res: dict = {"case": label, "batch": args.batch, "img": args.img}
+    batch = make_batch(args.batch, args.img, device)
+    for precision in ("fp32", resolve_precision("auto", device)):
+        torch.manual_seed(0)
+        method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
+        opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
+        scaler = build_scaler(precision, device)
+        step = step_fn(method, opt, scaler, batch, precision, device)
+        if precision == "fp32":
+            counter = FlopCounterMode(display=False)
+            with counter:
+                step()
+            res["gflop_per_step"] = counter.get_total_flops() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+        times = time_steps(step, args.warmup, args.reps)
+        med = statistics.median(times)
+        res[precision] = {"step_ms": 1e3 * med, "min_ms": 1e3 * min(times),
+                          "samples_per_s": args.batch / med,
+                          "tflops": res["gflop_per_step"] / med / 1e3,
+                          "mfu_vs_bf16_matmul": res["gflop_per_step"] / med / 1e3 / peak,
+                          "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del method, opt
+        torch.cuda.empty_cache()
+    # AMP check: the same masked forward in fp32 and bf16, then bf16 training on one batch.
+    torch.manual_seed(1)
+    method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(2)
+        with torch.no_grad(), autocast(precision, device):
+            losses[precision] = float(method(batch).loss)
+    res["bf16_vs_fp32_loss_rel"] = abs(losses["bf16"] - losses["fp32"]) / max(abs(losses["fp32"]), 1e-12)
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
+    step = step_fn(method, opt, build_scaler("bf16", device), batch, "bf16", device)
+    fit = [float(step()) for _ in range(args.fit_steps)]
+    res["bf16_fit"] = {"first": fit[0], "last": fit[-1], "finite": all(math.isfinite(v) for v in fit)}
+    res["speedup_bf16_vs_fp32"] = res["fp32"]["step_ms"] / res["bf16"]["step_ms"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--img", type=int, default=96)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--fit-steps", type=int, default=30)
+    ap.add_argument("--cases", default=",".join(c[0] for c in CASES), help="comma-separated case labels")
+    ap.add_argument("--json", help="write all results here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False).")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; bf16 is the fast path
+    env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+           "batch": args.batch, "img": args.img, "reps": args.reps}
+    peak = matmul_ceiling(device)
+    env["bf16_matmul_tflops"] = peak
+    print(json.dumps(env), flush=True)
+    wanted = args.cases.split(",")
+    results = []
+    for label, name, backbone, overrides in CASES:
+        if label not in wanted:
+            continue
+        t0 = time.perf_counter()
+        try:
+            res = run_case(label, name, backbone, overrides, args, device, peak)
+        except Exception as exc:  # report and go on: one failing method must not hide the others
+            res = {"case": label, "error": f"{type(exc).__name__}: {exc}"}
+        res["wall_s"] = time.perf_counter() - t0
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    base = next((r for r in results if r["case"] == "mae" and "error" not in r), None)
+    print("\n| case | GFLOP/step | fp32 ms | bf16 ms | bf16 speed-up | bf16 samples/s | bf16 TFLOP/s (MFU) "
+          "| vs MAE (bf16) | peak GiB bf16 | bf16 fit first -> last | bf16/fp32 loss gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['case']} | error: {r['error'][:80]} |")
+            continue
+        vs = r["bf16"]["step_ms"] / base["bf16"]["step_ms"] if base else float("nan")
+        print(f"| {r['case']} | {r['gflop_per_step']:.0f} | {r['fp32']['step_ms']:.1f} | {r['bf16']['step_ms']:.1f} "
+              f"| {r['speedup_bf16_vs_fp32']:.2f}x | {r['bf16']['samples_per_s']:.1f} "
+              f"| {r['bf16']['tflops']:.0f} ({100 * r['bf16']['mfu_vs_bf16_matmul']:.1f} %) | {vs:.2f}x "
+              f"| {r['bf16']['peak_mem_gib']:.1f} | {r['bf16_fit']['first']:.4f} -> {r['bf16_fit']['last']:.4f} "
+              f"| {r['bf16_vs_fp32_loss_rel']:.1e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
