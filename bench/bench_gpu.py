@@ -162,6 +162,24 @@ def run_case(label, name, backbone, overrides, args, device, peak) -> dict:
     return res
 
 
+def profile_case(label: str, args, device: torch.device) -> None:
+    """Where a bf16 step's time goes: the profiler's top operators by CPU and by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, name, backbone, overrides = next(c for c in CASES if c[0] == label)
+    method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
+    step = step_fn(method, opt, build_scaler("bf16", device), make_batch(args.batch, args.img, device),
+                   "bf16", device)
+    time_steps(step, 3, 1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -171,6 +189,7 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=30)
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES), help="comma-separated case labels")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--profile", help="instead: torch.profiler table of 5 bf16 steps of this case")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False).")
@@ -178,6 +197,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; bf16 is the fast path
     env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
            "batch": args.batch, "img": args.img, "reps": args.reps}
+    if args.profile:
+        profile_case(args.profile, args, device)
+        return
     peak = matmul_ceiling(device)
     env["bf16_matmul_tflops"] = peak
     print(json.dumps(env), flush=True)
