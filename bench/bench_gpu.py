@@ -22,6 +22,8 @@ Baselines, same run: bf16 vs fp32 (speed-up ratio) and each method vs MAE at the
 Run (on the lent GPU machine; results go to bench/RESULTS.md and bench/results/ by hand)::
 
     python3 bench/bench_gpu.py --batch 8 --reps 20 --json gpu.json
+    python3 bench/bench_gpu.py --batch 8,32 --cases mae,mae-compiled,mim,medim-kdm --no-fit
+    python3 bench/bench_gpu.py --profile mae --batch 8
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ CASES = [
     ("medim-kdm", "medim", "vit", {"mask_ratio": 0.75, "medim_mode": "kdm"}),
     ("hssl", "hssl", "vit", {"mask_ratio": 0.75}),
     ("simclr", "simclr", "vit", {}),
+    ("mae-compiled", "mae", "vit", {"mask_ratio": 0.75}),  # torch.compile(method): launch overhead
 ]
 
 
@@ -121,14 +124,16 @@ def time_steps(step, warmup: int, reps: int) -> list[float]:
     return times
 
 
-def run_case(label, name, backbone, overrides, args, device, peak) -> dict:
-    res: dict = {"case": label, "batch": args.batch, "img": args.img}
-    batch = make_batch(args.batch, args.img, device)
+def run_case(label, name, backbone, overrides, bs, args, device, peak) -> dict:
+    res: dict = {"case": label, "batch": bs, "img": args.img}
+    batch = make_batch(bs, args.img, device)
     for precision in ("fp32", resolve_precision("auto", device)):
         torch.manual_seed(0)
         method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
         opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
         scaler = build_scaler(precision, device)
+        if label.endswith("-compiled"):
+            method = torch.compile(method)
         step = step_fn(method, opt, scaler, batch, precision, device)
         if precision == "fp32":
             counter = FlopCounterMode(display=False)
@@ -139,12 +144,15 @@ def run_case(label, name, backbone, overrides, args, device, peak) -> dict:
         times = time_steps(step, args.warmup, args.reps)
         med = statistics.median(times)
         res[precision] = {"step_ms": 1e3 * med, "min_ms": 1e3 * min(times),
-                          "samples_per_s": args.batch / med,
+                          "samples_per_s": bs / med,
                           "tflops": res["gflop_per_step"] / med / 1e3,
                           "mfu_vs_bf16_matmul": res["gflop_per_step"] / med / 1e3 / peak,
                           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
         del method, opt
         torch.cuda.empty_cache()
+    res["speedup_bf16_vs_fp32"] = res["fp32"]["step_ms"] / res["bf16"]["step_ms"]
+    if args.no_fit:
+        return res
     # AMP check: the same masked forward in fp32 and bf16, then bf16 training on one batch.
     torch.manual_seed(1)
     method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
@@ -158,7 +166,6 @@ def run_case(label, name, backbone, overrides, args, device, peak) -> dict:
     step = step_fn(method, opt, build_scaler("bf16", device), batch, "bf16", device)
     fit = [float(step()) for _ in range(args.fit_steps)]
     res["bf16_fit"] = {"first": fit[0], "last": fit[-1], "finite": all(math.isfinite(v) for v in fit)}
-    res["speedup_bf16_vs_fp32"] = res["fp32"]["step_ms"] / res["bf16"]["step_ms"]
     return res
 
 
@@ -169,8 +176,8 @@ def profile_case(label: str, args, device: torch.device) -> None:
     _, name, backbone, overrides = next(c for c in CASES if c[0] == label)
     method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
     opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
-    step = step_fn(method, opt, build_scaler("bf16", device), make_batch(args.batch, args.img, device),
-                   "bf16", device)
+    batch = make_batch(int(args.batch.split(",")[0]), args.img, device)
+    step = step_fn(method, opt, build_scaler("bf16", device), batch, "bf16", device)
     time_steps(step, 3, 1)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
@@ -182,13 +189,14 @@ def profile_case(label: str, args, device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="8", help="batch size per step; a comma list runs each")
     ap.add_argument("--img", type=int, default=96)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fit-steps", type=int, default=30)
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES), help="comma-separated case labels")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--no-fit", action="store_true", help="skip the AMP check (timings only)")
     ap.add_argument("--profile", help="instead: torch.profiler table of 5 bf16 steps of this case")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -205,31 +213,33 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     wanted = args.cases.split(",")
     results = []
-    for label, name, backbone, overrides in CASES:
-        if label not in wanted:
-            continue
-        t0 = time.perf_counter()
-        try:
-            res = run_case(label, name, backbone, overrides, args, device, peak)
-        except Exception as exc:  # report and go on: one failing method must not hide the others
-            res = {"case": label, "error": f"{type(exc).__name__}: {exc}"}
-        res["wall_s"] = time.perf_counter() - t0
-        results.append(res)
-        print(json.dumps(res), flush=True)
-    base = next((r for r in results if r["case"] == "mae" and "error" not in r), None)
-    print("\n| case | GFLOP/step | fp32 ms | bf16 ms | bf16 speed-up | bf16 samples/s | bf16 TFLOP/s (MFU) "
+    for bs in [int(b) for b in args.batch.split(",")]:
+        for label, name, backbone, overrides in CASES:
+            if label not in wanted:
+                continue
+            t0 = time.perf_counter()
+            try:
+                res = run_case(label, name, backbone, overrides, bs, args, device, peak)
+            except Exception as exc:  # report and go on: one failing method must not hide the others
+                res = {"case": label, "batch": bs, "error": f"{type(exc).__name__}: {exc}"}
+            res["wall_s"] = time.perf_counter() - t0
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    print("\n| case | batch | GFLOP/step | fp32 ms | bf16 ms | bf16 speed-up | bf16 samples/s | bf16 TFLOP/s (MFU) "
           "| vs MAE (bf16) | peak GiB bf16 | bf16 fit first -> last | bf16/fp32 loss gap |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | error: {r['error'][:80]} |")
+            print(f"| {r['case']} | {r['batch']} | error: {r['error'][:80]} |")
             continue
+        base = next((b for b in results if b["case"] == "mae" and b["batch"] == r["batch"] and "error" not in b), None)
         vs = r["bf16"]["step_ms"] / base["bf16"]["step_ms"] if base else float("nan")
-        print(f"| {r['case']} | {r['gflop_per_step']:.0f} | {r['fp32']['step_ms']:.1f} | {r['bf16']['step_ms']:.1f} "
-              f"| {r['speedup_bf16_vs_fp32']:.2f}x | {r['bf16']['samples_per_s']:.1f} "
+        fit = (f"{r['bf16_fit']['first']:.4f} -> {r['bf16_fit']['last']:.4f} | {r['bf16_vs_fp32_loss_rel']:.1e}"
+               if "bf16_fit" in r else "- | -")
+        print(f"| {r['case']} | {r['batch']} | {r['gflop_per_step']:.0f} | {r['fp32']['step_ms']:.1f} "
+              f"| {r['bf16']['step_ms']:.1f} | {r['speedup_bf16_vs_fp32']:.2f}x | {r['bf16']['samples_per_s']:.1f} "
               f"| {r['bf16']['tflops']:.0f} ({100 * r['bf16']['mfu_vs_bf16_matmul']:.1f} %) | {vs:.2f}x "
-              f"| {r['bf16']['peak_mem_gib']:.1f} | {r['bf16_fit']['first']:.4f} -> {r['bf16_fit']['last']:.4f} "
-              f"| {r['bf16_vs_fp32_loss_rel']:.1e} |")
+              f"| {r['bf16']['peak_mem_gib']:.1f} | {fit} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)

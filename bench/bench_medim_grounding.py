@@ -31,11 +31,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raymim.config import ModelConfig  # noqa: E402
+from raymim.config import ModelConfig, PrepareConfig  # noqa: E402
+from raymim.data.patch_stats import PriorModel, fit_prior, lesion_prob, patch_descriptors  # noqa: E402
 from raymim.data.synth import LESION  # noqa: E402
 from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.tokens import patchify  # noqa: E402
@@ -79,7 +81,24 @@ def train_pool(n: int, size: int, workers: int) -> tuple[torch.Tensor, list[str]
     return torch.cat([p[0] for p in parts]), [r for p in parts for r in p[2]]
 
 
+PRIOR_CFG = None  # set in main: the PrepareConfig of --keys prior
+
+
+def _prior_one(crop, model: dict) -> torch.Tensor:
+    return torch.from_numpy(lesion_prob(crop, PRIOR_CFG, PriorModel.from_dict(model)))
+
+
+def priors(images: torch.Tensor, model: PriorModel, workers: int) -> torch.Tensor:
+    """The MPS population prior's ``lesion_prob`` grid of every image [N, 1, S, S, S] -> [N, S/8, S/8, S/8]."""
+    crops = [v[0].numpy() for v in images]
+    if workers <= 1:
+        return torch.stack([_prior_one(c, model.to_dict()) for c in crops])
+    with ProcessPoolExecutor(workers) as pool:
+        return torch.stack(list(pool.map(_prior_one, crops, [model.to_dict()] * len(crops), chunksize=8)))
+
+
 def main() -> None:
+    global PRIOR_CFG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--patch", type=int, default=8)
@@ -88,7 +107,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=36)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats"])
+    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
@@ -104,6 +123,16 @@ def main() -> None:
     dev = torch.device(args.device)
     train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, args.workers)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
+    train_p = test_p = None
+    if args.keys == "prior":  # the MPS population prior (8^3 patches), fitted on 48 other phantoms
+        t0 = time.perf_counter()
+        PRIOR_CFG = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
+        fit_i, _, _ = phantom_batch(48, args.size, seed=12)
+        model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), PRIOR_CFG)
+        test_p = priors(test_i, model, args.workers)
+        train_p = None if train_i is None else priors(train_i, model, args.workers)
+        print(f"MPS prior for {len(test_i) + (0 if train_i is None else len(train_i))} phantoms: "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     named = named_patches(test_l, test_r, args.patch)
     lesion = lesion_patches(test_l, args.patch)
     shuffled = [test_r[(i + 3) % len(test_r)] for i in range(len(test_r))]  # a same-site report
@@ -120,6 +149,8 @@ def main() -> None:
     named, lesion, same_site = named.to(dev), lesion.to(dev), same_site.to(dev)
     if train_i is not None:
         train_i = train_i.to(dev)
+    if test_p is not None:
+        test_p = test_p.to(dev)
     opt = torch.optim.AdamW(method.parameters(), lr=args.lr)
     print(f"chance local loss log({args.batch}) = {math.log(args.batch):.2f}")
     print("| step | held-out local loss | named factor @0.1 own / shuffled | @0.25 own / shuffled "
@@ -131,8 +162,8 @@ def main() -> None:
         if step % max(1, args.steps // args.evals) == 0 or step == args.steps:
             method.eval()
             with torch.no_grad():
-                own = method.report_attention(test_i, test_r)
-                other = method.report_attention(test_i, shuffled)
+                own = method.report_attention(test_i, test_r, test_p)
+                other = method.report_attention(test_i, shuffled, test_p)
                 b = args.batch
                 local = [float(_symmetric_ce(word_region_scores(own["q"][i:i + b], own["q_valid"][i:i + b],
                                                                 own["keys"][i:i + b]) / cfg.method.tau))
@@ -158,11 +189,14 @@ def main() -> None:
             break
         if args.fresh:
             bi, _, br = phantom_batch(args.batch, args.size, seed=1000 + step)
-            out = method({"image": bi.to(dev), "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)]})
+            extra = {} if PRIOR_CFG is None else {"lesion_prob": priors(bi, model, args.workers)}
+            out = method({"image": bi.to(dev), "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)],
+                          **extra})
         else:
             idx = torch.randperm(args.train)[: args.batch]
+            extra = {} if train_p is None else {"lesion_prob": train_p[idx]}
             out = method({"image": train_i[idx], "report": [train_r[i] for i in idx.tolist()],
-                          "domain": [f"site{i % 3}" for i in idx.tolist()]})
+                          "domain": [f"site{i % 3}" for i in idx.tolist()], **extra})
         opt.zero_grad()
         out.loss.backward()
         opt.step()

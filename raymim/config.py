@@ -231,7 +231,8 @@ class MethodConfig:
     medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
     medim_align_weight: float = 1.0  # weight of the image-report alignment loss
     # Patch keys of the word attention: "embed" (patch embedding + position), "tokens" (encoder, all
-    # tokens) or "stats" ("embed" plus per-image z-scored patch intensity statistics)
+    # tokens), "stats" ("embed" plus per-image z-scored patch intensity statistics) or "prior"
+    # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``)
     medim_keys: str = "embed"
     # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
     # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
@@ -265,7 +266,7 @@ class MethodConfig:
         _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
-        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats"))
+        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior"))
         _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
         for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):

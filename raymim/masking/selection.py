@@ -208,6 +208,24 @@ def mps_cube_scores(
     return per_token.reshape(n, -1) + jitter
 
 
+def prior_token_scores(prob: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """A stored ``lesion_prob`` grid [B, L'] (or [B, d, h, w]) resampled to a model's token ``grid``: [B, L].
+
+    The shards keep the MPS prior on the ``prepare.prior_patch`` grid; a model with larger
+    tokens takes the max of the stored patches it covers (a lesion patch stays visible), one
+    with smaller tokens repeats them.
+    """
+    g = tuple(int(v) for v in grid)
+    prob = prob.float().reshape(prob.shape[0], -1)  # the stored [B, d, h, w] grid, row-major
+    side = round(prob.shape[1] ** (1 / 3))
+    if side**3 != prob.shape[1]:
+        raise ValueError(f"lesion_prob should hold a cubic token grid, got {prob.shape[1]} tokens.")
+    vol = prob.view(-1, 1, side, side, side)
+    if (side,) * 3 != g:
+        vol = F.adaptive_max_pool3d(vol, g) if side > g[0] else F.interpolate(vol, size=g, mode="nearest")
+    return vol.reshape(prob.shape[0], -1)
+
+
 def lesion_token_mask(label: torch.Tensor, patch: int, lesion_label: int = 8) -> torch.Tensor:
     """Which tokens hold lesion voxels: label [N, 1, D, H, W] -> [N, L] bool (for evaluation)."""
     return patchify((label == lesion_label).float(), patch).amax(-1) > 0
@@ -221,5 +239,6 @@ __all__ = [
     "mps_cube_scores",
     "mps_masking",
     "patch_intensity_descriptors",
+    "prior_token_scores",
     "standardize",
 ]

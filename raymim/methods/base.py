@@ -26,7 +26,7 @@ from raymim.config import RaymimConfig
 
 class MethodOutput(NamedTuple):
     """``loss``: scalar tensor; ``metrics``: floats (each loss term, mask ratio, ...);
-    ``visuals``: detached CPU tensors ``[C, D, H, W]`` for reconstruction panels."""
+    ``visuals``: detached tensors ``[C, D, H, W]`` (on the batch's device) for reconstruction panels."""
 
     loss: torch.Tensor
     metrics: dict[str, float]
@@ -57,8 +57,12 @@ class PretrainMethod(nn.Module):
 
     @staticmethod
     def panel(x: torch.Tensor) -> torch.Tensor:
-        """First sample of a [B, C, D, H, W] batch, detached on CPU: [C, D, H, W]."""
-        return x[0].detach().float().cpu()
+        """First sample of a [B, C, D, H, W] batch, detached, float: [C, D, H, W].
+
+        Left on the batch's device: a copy to the host every step would synchronise the GPU
+        (measured in bench/bench_gpu.py); the panel renderer copies the one slice it draws.
+        """
+        return x[0].detach().float()
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -72,6 +72,7 @@ from torch import nn
 
 from raymim.config import RaymimConfig
 from raymim.masking.report_guided import mean_attention, patch_attention, report_guided_masking
+from raymim.masking.selection import prior_token_scores
 from raymim.methods.base import MethodOutput, register_method
 from raymim.methods.mae import MAE
 from raymim.models.heads import ProjectionHead
@@ -144,11 +145,15 @@ class MedIM(MAE):
                                                    max_len=mc.text_max_len)
         self.key_proj = nn.Linear(m.hidden_size, mc.text_dim)
         self.stat_proj = nn.Linear(4 * m.in_channels, mc.text_dim) if mc.medim_keys == "stats" else None
+        self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys == "prior" else None
         self.img_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
         self.txt_proj = ProjectionHead(mc.text_dim, mc.proj_dim)
 
-    def patch_keys(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[N, C, D, H, W] -> [N, L, text_dim]: encoder tokens (or patch embedding + position), projected."""
+    def patch_keys(self, imgs: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C, D, H, W] -> [N, L, text_dim]: encoder tokens (or patch embedding + position), projected.
+
+        ``prior``: the batch's ``lesion_prob`` rows for ``medim_keys="prior"`` (None: no prior term).
+        """
         if self.config.method.medim_keys == "tokens":
             tokens = self.encoder.forward_tokens(imgs)
         else:
@@ -156,6 +161,9 @@ class MedIM(MAE):
         keys = self.key_proj(tokens)
         if self.stat_proj is not None:
             keys = keys + self.stat_proj(patch_statistics(imgs, self.patch))
+        if self.prior_proj is not None and prior is not None:
+            p = prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype)
+            keys = keys + self.prior_proj(p.unsqueeze(-1))
         return keys
 
     def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +178,12 @@ class MedIM(MAE):
         pooled = (feats * sel.unsqueeze(-1)).sum(1) / sel.sum(1, keepdim=True).clamp_min(1)
         return pooled.unsqueeze(1), sel.any(1, keepdim=True)
 
-    def report_attention(self, imgs: torch.Tensor, reports: list[str]) -> dict[str, Any]:
+    def report_attention(self, imgs: torch.Tensor, reports: list[str],
+                         prior: torch.Tensor | None = None) -> dict[str, Any]:
         """Text features, mask queries, patch keys and the mask map for rows with a report."""
         enc = Encoded(*(t.to(imgs.device) for t in self.tokenizer(reports)))
         feats = self.text_encoder(enc.ids, enc.padding)  # [M, T, D]
-        keys = self.patch_keys(imgs)  # [M, L, D]
+        keys = self.patch_keys(imgs, prior)  # [M, L, D]
         q, q_valid = self.queries(enc, feats)
         attn_map = mean_attention(patch_attention(q, keys, q_valid), q_valid)  # [M, L]
         return {"enc": enc, "feats": feats, "keys": keys, "q": q, "q_valid": q_valid, "map": attn_map}
@@ -205,9 +214,11 @@ class MedIM(MAE):
         has = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in reports], device=imgs.device)
         attn = torch.full((n, self.encoder.num_tokens), 1.0 / self.encoder.num_tokens, device=imgs.device)
         r = None
+        prior = batch.get("lesion_prob") if mc.medim_keys == "prior" else None
         if bool(has.any()):
             rows = has.nonzero().flatten()
-            r = self.report_attention(imgs[rows], [reports[i] for i in rows.tolist()])
+            r = self.report_attention(imgs[rows], [reports[i] for i in rows.tolist()],
+                                      None if prior is None else prior[rows.to(prior.device)])
             attn[rows] = r["map"].detach().float()  # bf16 under autocast
         tm = report_guided_masking(attn, mc.mask_ratio, mc.medim_low_share, has)
         latent = self.forward_encoder(imgs, tm)
@@ -225,6 +236,8 @@ class MedIM(MAE):
                    "loss_align": float(loss_align.detach()), "loss_local": float(loss_local.detach()),
                    "loss_global": float(loss_global.detach()), "mask_ratio": float(tm.mask.mean()),
                    "no_report_frac": float(1.0 - has.float().mean())}
+        if mc.medim_keys == "prior":
+            metrics["medim_prior_missing"] = 1.0 if prior is None else 0.0
         return MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
 
 

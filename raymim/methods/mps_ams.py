@@ -38,13 +38,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from raymim.config import RaymimConfig
 from raymim.masking.mps_levels import mps_mim_levels
 from raymim.masking.multilevel import MiMLevel, level_box_sides
 from raymim.masking.schedules import mask_ratio_at
-from raymim.masking.selection import kmeans, lesion_scores, mps_masking, standardize
+from raymim.masking.selection import kmeans, lesion_scores, mps_masking, prior_token_scores, standardize
 from raymim.masking.tokens import TokenMask, random_masking
 from raymim.methods.base import MethodOutput, register_method
 from raymim.methods.mim import MiM
@@ -99,16 +98,7 @@ class MPSAMS(MiM):
 
     def prior_scores(self, prob: torch.Tensor, n: int) -> torch.Tensor:
         """The shards' lesion_prob [B, L'] (or [B, d, h, w]) resampled to this model's token grid: [B, L]."""
-        g = self.grid
-        prob = prob.float().reshape(prob.shape[0], -1)  # the stored [B, d, h, w] grid, row-major
-        side = round(prob.shape[1] ** (1 / 3))
-        if side**3 != prob.shape[1]:
-            raise ValueError(f"lesion_prob should hold a cubic token grid, got {prob.shape[1]} tokens.")
-        vol = prob.view(-1, 1, side, side, side)
-        if (side,) * 3 != tuple(g):
-            # Max keeps a lesion patch visible when several stored patches fall in one token.
-            vol = F.adaptive_max_pool3d(vol, g) if side > g[0] else F.interpolate(vol, size=g, mode="nearest")
-        return vol.reshape(n, -1)
+        return prior_token_scores(prob, self.grid).reshape(n, -1)
 
     def scores_for(self, batch: dict[str, Any], imgs: torch.Tensor) -> torch.Tensor | None:
         """Lesion scores [N, L] for the MAE path (None: plain random masking)."""
