@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior"])
+    ap.add_argument("--values", default="keys", choices=["keys", "separate"], help="method.medim_values")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes drawing the --train phantoms")
     ap.add_argument("--hidden", type=int, default=48, help="ViT width (text width follows)")
     ap.add_argument("--layers", type=int, default=2, help="ViT depth")
+    ap.add_argument("--prior-cache", help="--keys prior: load the priors from this file if it exists, else save them")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop training (final evaluation) after this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,8 +131,16 @@ def main() -> None:
         PRIOR_CFG = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
         fit_i, _, _ = phantom_batch(48, args.size, seed=12)
         model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), PRIOR_CFG)
-        test_p = priors(test_i, model, args.workers)
-        train_p = None if train_i is None else priors(train_i, model, args.workers)
+        cache = Path(args.prior_cache) if args.prior_cache else None
+        if cache is not None and cache.exists():  # same phantoms (seeded), priors computed elsewhere
+            test_p, train_p = torch.load(cache).values()
+            if len(test_p) != len(test_i) or (train_i is not None and len(train_p) != len(train_i)):
+                raise SystemExit(f"{cache} holds priors for other --test / --train sizes.")
+        else:
+            test_p = priors(test_i, model, args.workers)
+            train_p = None if train_i is None else priors(train_i, model, args.workers)
+            if cache is not None:
+                torch.save({"test": test_p, "train": train_p}, cache)
         print(f"MPS prior for {len(test_i) + (0 if train_i is None else len(train_i))} phantoms: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     named = named_patches(test_l, test_r, args.patch)
@@ -139,6 +149,7 @@ def main() -> None:
     site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
     same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
     cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
+                      medim_values=args.values,
                       text_dim=args.hidden, text_max_len=48)
     cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
                             mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
@@ -166,10 +177,11 @@ def main() -> None:
                 other = method.report_attention(test_i, shuffled, test_p)
                 b = args.batch
                 local = [float(_symmetric_ce(word_region_scores(own["q"][i:i + b], own["q_valid"][i:i + b],
-                                                                own["keys"][i:i + b]) / cfg.method.tau))
+                                                                own["keys"][i:i + b], own["values"][i:i + b])
+                                             / cfg.method.tau))
                          for i in range(0, len(test_i) - b + 1, b)]
                 # Shortcut probe: how often a same-site image outscores report i's own image (chance 0.5).
-                full = word_region_scores(own["q"], own["q_valid"], own["keys"])
+                full = word_region_scores(own["q"], own["q_valid"], own["keys"], own["values"])
                 above = float(((full > full.diag()[:, None]) & same_site).sum() / same_site.sum())
                 has = torch.ones(len(test_i), dtype=torch.bool, device=dev)
                 factors = []

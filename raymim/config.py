@@ -234,6 +234,9 @@ class MethodConfig:
     # tokens), "stats" ("embed" plus per-image z-scored patch intensity statistics) or "prior"
     # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``)
     medim_keys: str = "embed"
+    # Region features the word-region score pools: "keys" (the attention keys themselves, GLoRIA)
+    # or "separate" (their own projection of the tokens, without the stats / prior terms)
+    medim_values: str = "keys"
     # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
     # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
     medim_negatives: str = "batch"
@@ -267,6 +270,7 @@ class MethodConfig:
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
         _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior"))
+        _check_choice("method.medim_values", self.medim_values, ("keys", "separate"))
         _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
         for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):

@@ -120,14 +120,17 @@ def same_domain(domains: list[Any] | None, device: torch.device | None = None) -
     return ids.unsqueeze(0) == ids.unsqueeze(1)
 
 
-def word_region_scores(query: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def word_region_scores(query: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor | None = None) -> torch.Tensor:
     """GLoRIA-style report-image scores: query [M, Q, D], valid [M, Q], keys [M, L, D] -> S [M, M].
 
     ``S[i, j]``: mean over report i's valid queries of the cosine between the query and its
-    attention-pooled region of image j (same attention as :func:`patch_attention`).
+    attention-pooled region of image j (same attention as :func:`patch_attention`); the region
+    pools ``values`` [M, L, D] (default: the keys themselves).
     """
+    values = keys if values is None else values
     attn = torch.einsum("iqd,jld->ijql", query, keys).div(keys.shape[-1] ** 0.5).softmax(-1)  # [M, M, Q, L]
-    region = torch.einsum("ijql,jld->ijqd", attn, keys)  # [M, M, Q, D]
+    region = torch.einsum("ijql,jld->ijqd", attn, values)  # [M, M, Q, D]
     sim = F.cosine_similarity(query.unsqueeze(1), region, dim=-1)  # [M, M, Q]
     w = valid.unsqueeze(1).to(sim.dtype)
     return (sim * w).sum(-1) / w.sum(-1).clamp_min(1.0)
@@ -146,11 +149,14 @@ class MedIM(MAE):
         self.key_proj = nn.Linear(m.hidden_size, mc.text_dim)
         self.stat_proj = nn.Linear(4 * m.in_channels, mc.text_dim) if mc.medim_keys == "stats" else None
         self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys == "prior" else None
+        self.value_proj = nn.Linear(m.hidden_size, mc.text_dim) if mc.medim_values == "separate" else None
         self.img_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
         self.txt_proj = ProjectionHead(mc.text_dim, mc.proj_dim)
 
-    def patch_keys(self, imgs: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, C, D, H, W] -> [N, L, text_dim]: encoder tokens (or patch embedding + position), projected.
+    def patch_keys(self, imgs: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, C, D, H, W] -> keys and values [N, L, text_dim]: encoder tokens (or patch embedding +
+        position), projected; the keys add the ``stats`` / ``prior`` terms, the values
+        (``medim_values="separate"``) are their own projection of the tokens.
 
         ``prior``: the batch's ``lesion_prob`` rows for ``medim_keys="prior"`` (None: no prior term).
         """
@@ -164,7 +170,7 @@ class MedIM(MAE):
         if self.prior_proj is not None and prior is not None:
             p = prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype)
             keys = keys + self.prior_proj(p.unsqueeze(-1))
-        return keys
+        return keys, (keys if self.value_proj is None else self.value_proj(tokens))
 
     def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask-query features [M, Q, D] and validity [M, Q] for KDM (keywords) or SDM (a sentence)."""
@@ -183,10 +189,11 @@ class MedIM(MAE):
         """Text features, mask queries, patch keys and the mask map for rows with a report."""
         enc = Encoded(*(t.to(imgs.device) for t in self.tokenizer(reports)))
         feats = self.text_encoder(enc.ids, enc.padding)  # [M, T, D]
-        keys = self.patch_keys(imgs, prior)  # [M, L, D]
+        keys, values = self.patch_keys(imgs, prior)  # [M, L, D] each
         q, q_valid = self.queries(enc, feats)
         attn_map = mean_attention(patch_attention(q, keys, q_valid), q_valid)  # [M, L]
-        return {"enc": enc, "feats": feats, "keys": keys, "q": q, "q_valid": q_valid, "map": attn_map}
+        return {"enc": enc, "feats": feats, "keys": keys, "values": values, "q": q, "q_valid": q_valid,
+                "map": attn_map}
 
     def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor,
                        domains: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +207,7 @@ class MedIM(MAE):
             allowed = same_domain(domains, latent.device)
         rows = r["q_valid"].any(1)  # reports with at least one query
         if int(rows.sum()) > 1:
-            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows])
+            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows], r["values"][rows])
             local = _symmetric_ce(scores / tau, None if allowed is None else allowed[rows][:, rows])
         words = ~r["enc"].padding
         text = (r["feats"] * words.unsqueeze(-1)).sum(1) / words.sum(1, keepdim=True).clamp_min(1)

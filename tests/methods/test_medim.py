@@ -150,3 +150,31 @@ def test_stat_keys_single_out_both_lesion_polarities():
     out = method({"image": img, "report": reports})
     out.loss.backward()
     assert method.stat_proj.weight.grad is not None and method.stat_proj.weight.grad.abs().sum() > 0
+
+
+def test_prior_keys_and_separate_values():
+    """medim_keys="prior": the batch's MPS lesion_prob enters the keys where it is high; medim_values="separate"."""
+    torch.manual_seed(0)
+    img, _, reports = phantom_batch(4)
+    method = build_method("medim", tiny_config("medim", medim_keys="prior", medim_values="separate",
+                                               text_dim=32, text_max_len=32))
+    prob = torch.zeros(4, 8, 8, 8)  # stored on the 4^3-voxel prior grid; the model's tokens are 8^3 voxels
+    prob[:, 2, 5, 6] = 0.9  # -> token (1, 2, 3) of the 4 x 4 x 4 grid
+    with torch.no_grad():
+        base, values = method.patch_keys(img, torch.zeros_like(prob))
+        keys, values2 = method.patch_keys(img, prob)
+    changed = (keys - base).abs().sum(-1) > 1e-6  # [4, 64]
+    assert changed.sum() == 4 and changed[:, 1 * 16 + 2 * 4 + 3].all()
+    assert torch.allclose(values, values2) and not torch.allclose(values, keys)  # values skip the prior term
+    out = method({"image": img, "report": reports, "lesion_prob": prob})
+    assert out.metrics["medim_prior_missing"] == 0.0
+    out.loss.backward()
+    for module in (method.prior_proj, method.value_proj):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert method({"image": img, "report": reports}).metrics["medim_prior_missing"] == 1.0  # no column
+    # The word-region score pools the values: different values, different scores; None = the keys.
+    q, valid = torch.randn(4, 3, 32), torch.ones(4, 3, dtype=torch.bool)
+    assert torch.equal(word_region_scores(q, valid, keys), word_region_scores(q, valid, keys, keys))
+    assert not torch.allclose(word_region_scores(q, valid, keys), word_region_scores(q, valid, keys, values))
+    with pytest.raises(ValueError, match="medim_values"):
+        tiny_config("medim", medim_values="tokens")
