@@ -129,14 +129,15 @@ def main() -> None:
     if args.keys == "prior":  # the MPS population prior (8^3 patches), fitted on 48 other phantoms
         t0 = time.perf_counter()
         PRIOR_CFG = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
-        fit_i, _, _ = phantom_batch(48, args.size, seed=12)
-        model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), PRIOR_CFG)
         cache = Path(args.prior_cache) if args.prior_cache else None
         if cache is not None and cache.exists():  # same phantoms (seeded), priors computed elsewhere
             test_p, train_p = torch.load(cache).values()
             if len(test_p) != len(test_i) or (train_i is not None and len(train_p) != len(train_i)):
                 raise SystemExit(f"{cache} holds priors for other --test / --train sizes.")
-        else:
+        if cache is None or not cache.exists() or args.fresh:
+            fit_i, _, _ = phantom_batch(48, args.size, seed=12)
+            model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), PRIOR_CFG)
+        if cache is None or not cache.exists():
             test_p = priors(test_i, model, args.workers)
             train_p = None if train_i is None else priors(train_i, model, args.workers)
             if cache is not None:
