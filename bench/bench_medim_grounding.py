@@ -119,7 +119,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=48, help="ViT width (text width follows)")
     ap.add_argument("--layers", type=int, default=2, help="ViT depth")
     ap.add_argument("--prior-cache", help="--keys prior: load the priors from this file if it exists, else save them")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop training (final evaluation) after this")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop training after this (final evaluation); --evals are then spread evenly in time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -168,10 +169,17 @@ def main() -> None:
     print("| step | held-out local loss | named factor @0.1 own / shuffled | @0.25 own / shuffled "
           "| lesion factor @0.1 own / shuffled | same-site above own | s |\n|---|---|---|---|---|---|---|")
     start = time.perf_counter()
+    evals_done = 0
     for step in range(args.steps + 1):
-        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+        elapsed = time.perf_counter() - start
+        if args.max_minutes is not None and elapsed > 60 * args.max_minutes:
             args.steps = step  # out of time: evaluate, save and stop here
-        if step % max(1, args.steps // args.evals) == 0 or step == args.steps:
+        if args.max_minutes is None:
+            due = step % max(1, args.steps // args.evals) == 0
+        else:  # evenly in time: --evals evaluations over --max-minutes
+            due = elapsed >= 60 * args.max_minutes * evals_done / args.evals
+        if due or step == args.steps:
+            evals_done += 1
             method.eval()
             with torch.no_grad():
                 own = method.report_attention(test_i, test_r, test_p)

@@ -35,7 +35,13 @@ gradients, as GLoRIA trains its image encoder through the local loss): contextua
 features, at the cost of one more encoder pass over all tokens; ``"stats"`` adds projected
 per-patch intensity statistics (:func:`patch_statistics`: mean, std, deviation from the
 neighbourhood and its absolute value, z-scored per image) to ``"embed"``: polarity-free local
-contrast that a linear patch embedding cannot compute, for almost no cost.
+contrast that a linear patch embedding cannot compute, for almost no cost; ``"prior"`` adds a
+projection of the batch's MPS ``lesion_prob`` column (``prepare.lesion_prior``; resampled to the
+token grid, rows without it counted as ``medim_prior_missing``) to ``"embed"``.
+
+Region values (``method.medim_values``): ``"keys"`` (default, GLoRIA) pools the keys themselves;
+``"separate"`` pools their own projection of the tokens, so that a term shared by every image's
+attended region (the prior) is not what the words are compared with.
 
 Negatives (``method.medim_negatives``): ``"batch"`` (default) uses every other report / image of
 the batch; ``"domain"`` keeps only pairs of the same ``domain`` column, so that site cues (report
@@ -51,7 +57,10 @@ same-site shuffled report's. With ``medim_negatives="domain"`` and either ``"emb
 ``"tokens"`` or ``"stats"`` keys the held-out loss stays at chance for 200-800 CPU steps. With
 synthetic keys that plainly show the lesions, the same loss and text encoder do learn (held-out
 2.78 -> 2.43 in 400 steps): the image side, finding 0.01-0.04 contrast lesions, is what a short
-CPU run does not achieve.
+CPU run does not achieve. Longer H100 runs (4,000-5,400 steps of 48) stay at chance on held-out
+phantoms with a 7,200-phantom pool and memorise smaller pools; ``"prior"`` keys start on the
+lesions (text-independent) and training moves them off, with either value choice
+(bench/RESULTS.md "second follow-up").
 
 ``L = L_rec + medim_align_weight * (L_local + L_global)``.
 
