@@ -32,19 +32,21 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
-from raymim.methods import build_method
-from raymim.train.schedule import autocast, build_scaler, resolve_precision
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raymim.config import MethodConfig, ModelConfig, RaymimConfig  # noqa: E402
+from raymim.methods import build_method  # noqa: E402
+from raymim.train.schedule import autocast, build_scaler, resolve_precision  # noqa: E402
+from tests.methods.phantoms import phantom_batch  # noqa: E402
 
 VIT_B = dict(hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12)  # decoder: the package default
-REPORTS = ["CT abdomen. A 14 mm hypodense lesion in the right liver.",
-           "CT chest. A 9 mm nodule in the left lung. No other finding.",
-           "CT abdomen. A 11 mm hyperdense lesion in the left kidney."]
 
 # (label, method name, backbone, MethodConfig overrides)
 CASES = [
@@ -66,17 +68,9 @@ def config(name: str, backbone: str, overrides: dict, img: int) -> RaymimConfig:
 
 
 def make_batch(n: int, img: int, device: torch.device, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    z, y, x = torch.meshgrid(*(torch.linspace(-1, 1, img),) * 3, indexing="ij")
-    body = ((z / 0.9) ** 2 + (y / 0.8) ** 2 + (x / 0.7) ** 2 < 1).float()
-    vols = []
-    for _ in range(n):
-        c = torch.rand(3, generator=g) * 0.8 - 0.4
-        blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 0.15 ** 2).float()
-        vols.append((0.3 * body + 0.25 * blob + 0.01 * torch.randn(body.shape, generator=g)).clamp(0, 1))
-    return {"image": torch.stack(vols)[:, None].to(device),
-            "report": [REPORTS[i % len(REPORTS)] for i in range(n)],
-            "domain": [f"site{i % 3}" for i in range(n)]}
+    """``n`` generator phantoms (sites cycle 0, 1, 2) with their reports and sites, on ``device``."""
+    image, _, reports = phantom_batch(n, img, seed=seed)
+    return {"image": image.to(device), "report": reports, "domain": [f"site{i % 3}" for i in range(n)]}
 
 
 def matmul_ceiling(device: torch.device) -> float:

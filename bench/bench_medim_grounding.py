@@ -29,6 +29,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from raymim.config import ModelConfig, PrepareConfig  # noqa: E402
 from raymim.data.patch_stats import PriorModel, fit_prior, lesion_prob, patch_descriptors  # noqa: E402
 from raymim.data.synth import LESION  # noqa: E402
 from raymim.masking.report_guided import report_guided_masking  # noqa: E402
+from raymim.masking.selection import lesion_token_mask  # noqa: E402
 from raymim.masking.tokens import patchify  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
 from raymim.methods.medim import _symmetric_ce, word_region_scores  # noqa: E402
@@ -65,40 +67,26 @@ def named_patches(labels: torch.Tensor, reports: list[str], patch: int) -> torch
     return patchify(torch.stack(masks).float(), patch).mean(-1) >= 0.25
 
 
-def lesion_patches(labels: torch.Tensor, patch: int) -> torch.Tensor:
-    """[N, L] bool: patches holding any lesion voxel."""
-    return patchify((labels == LESION).float(), patch).amax(-1) > 0
-
-
-def train_pool(n: int, size: int, workers: int) -> tuple[torch.Tensor, list[str]]:
-    """``n`` training phantoms (sites cycle 0, 1, 2 by index), drawn in chunks of 48 on ``workers`` processes."""
+def train_pool(n: int, size: int, pool: ProcessPoolExecutor | None) -> tuple[torch.Tensor, list[str]]:
+    """``n`` training phantoms (sites cycle 0, 1, 2 by index), drawn in chunks of 48 (on ``pool`` if any)."""
     chunks = [(min(48, n - s), size, 10_000 + s) for s in range(0, n, 48)]
-    if workers <= 1:
-        parts = [phantom_batch(*c) for c in chunks]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(phantom_batch, *zip(*chunks, strict=True)))
+    parts = list((pool.map if pool else map)(phantom_batch, *zip(*chunks, strict=True)))
     return torch.cat([p[0] for p in parts]), [r for p in parts for r in p[2]]
 
 
-PRIOR_CFG = None  # set in main: the PrepareConfig of --keys prior
+def _prior_one(crop, cfg: PrepareConfig, model: dict) -> torch.Tensor:
+    return torch.from_numpy(lesion_prob(crop, cfg, PriorModel.from_dict(model)))
 
 
-def _prior_one(crop, model: dict) -> torch.Tensor:
-    return torch.from_numpy(lesion_prob(crop, PRIOR_CFG, PriorModel.from_dict(model)))
-
-
-def priors(images: torch.Tensor, model: PriorModel, workers: int) -> torch.Tensor:
+def priors(images: torch.Tensor, cfg: PrepareConfig, model: PriorModel,
+           pool: ProcessPoolExecutor | None) -> torch.Tensor:
     """The MPS population prior's ``lesion_prob`` grid of every image [N, 1, S, S, S] -> [N, S/8, S/8, S/8]."""
     crops = [v[0].numpy() for v in images]
-    if workers <= 1:
-        return torch.stack([_prior_one(c, model.to_dict()) for c in crops])
-    with ProcessPoolExecutor(workers) as pool:
-        return torch.stack(list(pool.map(_prior_one, crops, [model.to_dict()] * len(crops), chunksize=8)))
+    args = (_prior_one, crops, repeat(cfg), repeat(model.to_dict()))
+    return torch.stack(list(pool.map(*args, chunksize=8) if pool else map(*args)))
 
 
 def main() -> None:
-    global PRIOR_CFG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--patch", type=int, default=8)
@@ -115,7 +103,7 @@ def main() -> None:
     ap.add_argument("--evals", type=int, default=4, help="evaluations over the run (plus one before it)")
     ap.add_argument("--save", help="write the trained method's state_dict here")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the phantoms are drawn on the CPU)")
-    ap.add_argument("--workers", type=int, default=1, help="processes drawing the --train phantoms")
+    ap.add_argument("--workers", type=int, default=1, help="processes drawing the phantoms and their priors")
     ap.add_argument("--hidden", type=int, default=48, help="ViT width (text width follows)")
     ap.add_argument("--layers", type=int, default=2, help="ViT depth")
     ap.add_argument("--prior-cache", help="--keys prior: load the priors from this file if it exists, else save them")
@@ -124,12 +112,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, args.workers)
+    pool = ProcessPoolExecutor(args.workers) if args.workers > 1 else None  # one for the whole run
+    train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, pool)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
-    train_p = test_p = None
+    train_p = test_p = prior_cfg = None
     if args.keys == "prior":  # the MPS population prior (8^3 patches), fitted on 48 other phantoms
         t0 = time.perf_counter()
-        PRIOR_CFG = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
+        prior_cfg = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
         cache = Path(args.prior_cache) if args.prior_cache else None
         if cache is not None and cache.exists():  # same phantoms (seeded), priors computed elsewhere
             test_p, train_p = torch.load(cache).values()
@@ -137,16 +126,16 @@ def main() -> None:
                 raise SystemExit(f"{cache} holds priors for other --test / --train sizes.")
         if cache is None or not cache.exists() or args.fresh:
             fit_i, _, _ = phantom_batch(48, args.size, seed=12)
-            model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), PRIOR_CFG)
+            model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), prior_cfg)
         if cache is None or not cache.exists():
-            test_p = priors(test_i, model, args.workers)
-            train_p = None if train_i is None else priors(train_i, model, args.workers)
+            test_p = priors(test_i, prior_cfg, model, pool)
+            train_p = None if train_i is None else priors(train_i, prior_cfg, model, pool)
             if cache is not None:
                 torch.save({"test": test_p, "train": train_p}, cache)
         print(f"MPS prior for {len(test_i) + (0 if train_i is None else len(train_i))} phantoms: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     named = named_patches(test_l, test_r, args.patch)
-    lesion = lesion_patches(test_l, args.patch)
+    lesion = lesion_token_mask(test_l, args.patch, LESION)
     shuffled = [test_r[(i + 3) % len(test_r)] for i in range(len(test_r))]  # a same-site report
     site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
     same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
@@ -210,7 +199,7 @@ def main() -> None:
             break
         if args.fresh:
             bi, _, br = phantom_batch(args.batch, args.size, seed=1000 + step)
-            extra = {} if PRIOR_CFG is None else {"lesion_prob": priors(bi, model, args.workers)}
+            extra = {} if prior_cfg is None else {"lesion_prob": priors(bi, prior_cfg, model, pool)}
             out = method({"image": bi.to(dev), "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)],
                           **extra})
         else:
@@ -224,6 +213,10 @@ def main() -> None:
         if step % 250 == 0:
             print(f"  train step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.metrics.items()
                                                        if k.startswith("loss")), flush=True)
+
+
+    if pool is not None:
+        pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raymim.methods import MethodOutput, PretrainMethod, build_method, list_methods
+from raymim.train.schedule import autocast
 
 from .conftest import CASES, tiny_config
 
@@ -80,8 +81,6 @@ def test_overfits_one_phantom(name: str, backbone: str, volume: torch.Tensor):
 @pytest.mark.parametrize("name,backbone", [c for c in CASES if c[1] != "swin"])
 def test_bf16_autocast(name: str, backbone: str, volume: torch.Tensor):
     """Every method runs under the training loop's bf16 autocast (the GPU default), report path included."""
-    from raymim.train.schedule import autocast
-
     batch = {"image": volume.repeat(2, 1, 1, 1, 1), "domain": ["site0", "site1"],
              "report": ["A 12 mm hypodense lesion in the right liver.", "A 7 mm nodule in the left lung."]}
     torch.manual_seed(0)
