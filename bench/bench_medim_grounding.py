@@ -44,7 +44,13 @@ from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.selection import lesion_token_mask  # noqa: E402
 from raymim.masking.tokens import patchify  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
-from raymim.methods.medim import _symmetric_ce, word_region_scores  # noqa: E402
+from raymim.methods.medim import (  # noqa: E402
+    _symmetric_ce,
+    finding_groups,
+    finding_loss,
+    word_region_scores,
+    word_region_sims,
+)
 from tests.methods.conftest import tiny_config  # noqa: E402
 from tests.methods.phantoms import phantom_batch  # noqa: E402
 
@@ -95,11 +101,12 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=36)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior"])
+    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior", "prior_position"])
     ap.add_argument("--values", default="keys", choices=["keys", "separate"], help="method.medim_values")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
+    ap.add_argument("--local", default="report", choices=["report", "finding"], help="method.medim_local")
     ap.add_argument("--evals", type=int, default=4, help="evaluations over the run (plus one before it)")
     ap.add_argument("--save", help="write the trained method's state_dict here")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the phantoms are drawn on the CPU)")
@@ -116,7 +123,7 @@ def main() -> None:
     train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, pool)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
     train_p = test_p = prior_cfg = None
-    if args.keys == "prior":  # the MPS population prior (8^3 patches), fitted on 48 other phantoms
+    if args.keys.startswith("prior"):  # the MPS population prior (8^3 patches), fitted on 48 other phantoms
         t0 = time.perf_counter()
         prior_cfg = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
         cache = Path(args.prior_cache) if args.prior_cache else None
@@ -140,7 +147,7 @@ def main() -> None:
     site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
     same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
     cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
-                      medim_values=args.values,
+                      medim_values=args.values, medim_local=args.local,
                       text_dim=args.hidden, text_max_len=48)
     cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
                             mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
@@ -155,7 +162,7 @@ def main() -> None:
         test_p = test_p.to(dev)
     opt = torch.optim.AdamW(method.parameters(), lr=args.lr)
     print(f"chance local loss log({args.batch}) = {math.log(args.batch):.2f}")
-    print("| step | held-out local loss | named factor @0.1 own / shuffled | @0.25 own / shuffled "
+    print("| step | held-out local loss report / finding | named factor @0.1 own / shuffled | @0.25 own / shuffled "
           "| lesion factor @0.1 own / shuffled | same-site above own | s |\n|---|---|---|---|---|---|---|")
     start = time.perf_counter()
     evals_done = 0
@@ -178,6 +185,19 @@ def main() -> None:
                                                                 own["keys"][i:i + b], own["values"][i:i + b])
                                              / cfg.method.tau))
                          for i in range(0, len(test_i) - b + 1, b)]
+                enc = own["enc"]
+                found = [float(finding_loss(
+                    word_region_sims(own["q"][i:i + b], own["keys"][i:i + b], own["values"][i:i + b]),
+                    *finding_groups(enc.keyword[i:i + b], enc.sentence[i:i + b], own["q_sentence"][i:i + b],
+                                    own["q_valid"][i:i + b]), cfg.method.tau))
+                         for i in range(0, len(test_i) - b + 1, b)]
+                if evals_done == 1:  # equal scores: the finding loss's chance level
+                    chance = [float(finding_loss(torch.zeros(b, b, own["q"].shape[1], device=dev),
+                                                 *finding_groups(enc.keyword[i:i + b], enc.sentence[i:i + b],
+                                                                 own["q_sentence"][i:i + b], own["q_valid"][i:i + b]),
+                                                 cfg.method.tau))
+                              for i in range(0, len(test_i) - b + 1, b)]
+                    print(f"chance held-out finding loss = {sum(chance) / len(chance):.3f}", flush=True)
                 # Shortcut probe: how often a same-site image outscores report i's own image (chance 0.5).
                 full = word_region_scores(own["q"], own["q_valid"], own["keys"], own["values"])
                 above = float(((full > full.diag()[:, None]) & same_site).sum() / same_site.sum())
@@ -190,7 +210,8 @@ def main() -> None:
                         if ratio == 0.1:
                             factors.append(float((mask & lesion).sum() / lesion.sum()) / ratio)
             method.train()
-            print(f"| {step} | {sum(local) / len(local):.3f} | {factors[0]:.2f} / {factors[2]:.2f} "
+            print(f"| {step} | {sum(local) / len(local):.3f} / {sum(found) / len(found):.3f} "
+                  f"| {factors[0]:.2f} / {factors[2]:.2f} "
                   f"| {factors[4]:.2f} / {factors[5]:.2f} | {factors[1]:.2f} / {factors[3]:.2f} "
                   f"| {above:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
         if step == args.steps:

@@ -231,8 +231,9 @@ class MethodConfig:
     medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
     medim_align_weight: float = 1.0  # weight of the image-report alignment loss
     # Patch keys of the word attention: "embed" (patch embedding + position), "tokens" (encoder, all
-    # tokens), "stats" ("embed" plus per-image z-scored patch intensity statistics) or "prior"
-    # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``)
+    # tokens), "stats" ("embed" plus per-image z-scored patch intensity statistics), "prior"
+    # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``) or
+    # "prior_position" (position plus that column only: no other image content in the keys)
     medim_keys: str = "embed"
     # Region features the word-region score pools: "keys" (the attention keys themselves, GLoRIA)
     # or "separate" (their own projection of the tokens, without the stats / prior terms)
@@ -240,6 +241,10 @@ class MethodConfig:
     # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
     # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
     medim_negatives: str = "batch"
+    # Word-region (local) loss: "report" (GLoRIA: report i's queries pick image i among the
+    # batch) or "finding" (each finding sentence's queries pick the images whose report holds a
+    # sentence with the same keywords: multi-positive, no false negatives from shared findings).
+    medim_local: str = "report"
     text_dim: int = 96
     text_layers: int = 1
     text_max_len: int = 64
@@ -269,9 +274,10 @@ class MethodConfig:
         _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
-        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior"))
+        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior", "prior_position"))
         _check_choice("method.medim_values", self.medim_values, ("keys", "separate"))
         _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
+        _check_choice("method.medim_local", self.medim_local, ("report", "finding"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
         for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):
             _check_positive(f"method.{name}", getattr(self, name))

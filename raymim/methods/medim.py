@@ -137,12 +137,78 @@ def word_region_scores(query: torch.Tensor, valid: torch.Tensor, keys: torch.Ten
     attention-pooled region of image j (same attention as :func:`patch_attention`); the region
     pools ``values`` [M, L, D] (default: the keys themselves).
     """
+    sim = word_region_sims(query, keys, values)  # [M, M, Q]
+    w = valid.unsqueeze(1).to(sim.dtype)
+    return (sim * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def word_region_sims(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    """query [M, Q, D], keys [M, L, D] -> [M, M, Q]: cosine of query q of report i with its
+    attention-pooled region of image j (pooling ``values``, default the keys)."""
     values = keys if values is None else values
     attn = torch.einsum("iqd,jld->ijql", query, keys).div(keys.shape[-1] ** 0.5).softmax(-1)  # [M, M, Q, L]
     region = torch.einsum("ijql,jld->ijqd", attn, values)  # [M, M, Q, D]
-    sim = F.cosine_similarity(query.unsqueeze(1), region, dim=-1)  # [M, M, Q]
-    w = valid.unsqueeze(1).to(sim.dtype)
-    return (sim * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+    return F.cosine_similarity(query.unsqueeze(1), region, dim=-1)
+
+
+def finding_groups(keyword: torch.Tensor, sentence: torch.Tensor, q_sentence: torch.Tensor,
+                   q_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group a batch's mask queries by finding (one sentence of one report) and find which images share it.
+
+    keyword / sentence [M, T]: the tokenizer's keyword index and sentence index of every token;
+    q_sentence / q_valid [M, Q]: the sentence of every mask query and whether it is real.
+    A finding is identified by the *set* of keywords its sentence holds ("A 12 mm hypodense
+    lesion in the right liver." -> {hypodense, lesion, right, liver}); sentences without keywords
+    are no findings. -> (row [G]: the report of each finding, weight [G, Q]: its queries,
+    positive [G, M]: images whose report holds a sentence with the same keyword set, its own included).
+    """
+    sets: list[dict[int, frozenset[int]]] = []
+    for kw_row, s_row in zip(keyword.tolist(), sentence.tolist(), strict=True):
+        per: dict[int, set[int]] = {}
+        for k, s in zip(kw_row, s_row, strict=True):
+            if k >= 0 and s >= 0:
+                per.setdefault(s, set()).add(k)
+        sets.append({s: frozenset(v) for s, v in per.items()})
+    held = [set(d.values()) for d in sets]
+    rows, weights, positives = [], [], []
+    for i, (qs_row, v_row) in enumerate(zip(q_sentence.tolist(), q_valid.tolist(), strict=True)):
+        for s in sorted({s for s, v in zip(qs_row, v_row, strict=True) if v and s in sets[i]}):
+            rows.append(i)
+            weights.append([float(v and qs == s) for qs, v in zip(qs_row, v_row, strict=True)])
+            positives.append([j == i or sets[i][s] in held[j] for j in range(len(sets))])
+    dev = keyword.device
+    m, q = q_valid.shape
+    if not rows:
+        return (torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, q, device=dev),
+                torch.zeros(0, m, dtype=torch.bool, device=dev))
+    return (torch.tensor(rows, device=dev), torch.tensor(weights, device=dev),
+            torch.tensor(positives, dtype=torch.bool, device=dev))
+
+
+def finding_loss(sims: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, positive: torch.Tensor,
+                 tau: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-positive InfoNCE of findings against the batch's images.
+
+    sims [M, M, Q] (:func:`word_region_sims`), row / weight / positive from :func:`finding_groups`;
+    ``allowed`` [M, M] restricts each report's candidate images (domain negatives). A finding's
+    score for image j is the mean of its queries' sims; the loss raises the softmax mass of the
+    images that hold the same finding over the others. Findings whose candidates are all
+    positives have nothing to tell apart and are left out. -> mean loss (0 when none is left).
+    """
+    if row.numel() == 0:
+        return sims.new_zeros(())
+    w = weight.to(sims.dtype)
+    scores = (sims[row] * w.unsqueeze(1)).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0) / tau  # [G, M]
+    cand = torch.ones_like(positive) if allowed is None else allowed[row]
+    pos = positive & cand
+    keep = (cand & ~pos).any(1)
+    if not bool(keep.any()):
+        return sims.new_zeros(())
+    scores, cand, pos = scores[keep], cand[keep], pos[keep]
+    neg_inf = torch.finfo(scores.dtype).min
+    total = scores.masked_fill(~cand, neg_inf).logsumexp(1)
+    good = scores.masked_fill(~pos, neg_inf).logsumexp(1)
+    return (total - good).mean()
 
 
 @register_method("medim")
@@ -157,7 +223,7 @@ class MedIM(MAE):
                                                    max_len=mc.text_max_len)
         self.key_proj = nn.Linear(m.hidden_size, mc.text_dim)
         self.stat_proj = nn.Linear(4 * m.in_channels, mc.text_dim) if mc.medim_keys == "stats" else None
-        self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys == "prior" else None
+        self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys in ("prior", "prior_position") else None
         self.value_proj = nn.Linear(m.hidden_size, mc.text_dim) if mc.medim_values == "separate" else None
         self.img_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
         self.txt_proj = ProjectionHead(mc.text_dim, mc.proj_dim)
@@ -169,11 +235,16 @@ class MedIM(MAE):
 
         ``prior``: the batch's ``lesion_prob`` rows for ``medim_keys="prior"`` (None: no prior term).
         """
-        if self.config.method.medim_keys == "tokens":
+        mode = self.config.method.medim_keys
+        position = self.encoder.patch_embedding.position_embeddings  # [1, L, hidden]
+        if mode == "tokens":
             tokens = self.encoder.forward_tokens(imgs)
         else:
-            tokens = self.encoder.embed_patches(imgs, None) + self.encoder.patch_embedding.position_embeddings
-        keys = self.key_proj(tokens)
+            tokens = self.encoder.embed_patches(imgs, None) + position
+        if mode == "prior_position":  # where a patch is, and how lesion-like: no other image content
+            keys = self.key_proj(position).expand(imgs.shape[0], -1, -1)
+        else:
+            keys = self.key_proj(tokens)
         if self.stat_proj is not None:
             keys = keys + self.stat_proj(patch_statistics(imgs, self.patch))
         if self.prior_proj is not None and prior is not None:
@@ -181,17 +252,18 @@ class MedIM(MAE):
             keys = keys + self.prior_proj(p.unsqueeze(-1))
         return keys, (keys if self.value_proj is None else self.value_proj(tokens))
 
-    def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask-query features [M, Q, D] and validity [M, Q] for KDM (keywords) or SDM (a sentence)."""
+    def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask-query features [M, Q, D], validity [M, Q] and sentence index [M, Q] for KDM
+        (keywords) or SDM (a sentence)."""
         if self.config.method.medim_mode == "kdm":
-            return feats, enc.keyword >= 0
+            return feats, enc.keyword >= 0, enc.sentence
         # SDM: the first sentence that names a keyword (else the first sentence), mean-pooled.
         named = (enc.keyword >= 0) & (enc.sentence >= 0)
         first = torch.where(named, enc.sentence, torch.full_like(enc.sentence, 10**6)).amin(1)
         first = torch.where(first == 10**6, torch.zeros_like(first), first)
         sel = (enc.sentence == first.unsqueeze(1)) & ~enc.padding
         pooled = (feats * sel.unsqueeze(-1)).sum(1) / sel.sum(1, keepdim=True).clamp_min(1)
-        return pooled.unsqueeze(1), sel.any(1, keepdim=True)
+        return pooled.unsqueeze(1), sel.any(1, keepdim=True), first.unsqueeze(1)
 
     def report_attention(self, imgs: torch.Tensor, reports: list[str],
                          prior: torch.Tensor | None = None) -> dict[str, Any]:
@@ -199,10 +271,21 @@ class MedIM(MAE):
         enc = Encoded(*(t.to(imgs.device) for t in self.tokenizer(reports)))
         feats = self.text_encoder(enc.ids, enc.padding)  # [M, T, D]
         keys, values = self.patch_keys(imgs, prior)  # [M, L, D] each
-        q, q_valid = self.queries(enc, feats)
+        q, q_valid, q_sentence = self.queries(enc, feats)
         attn_map = mean_attention(patch_attention(q, keys, q_valid), q_valid)  # [M, L]
         return {"enc": enc, "feats": feats, "keys": keys, "values": values, "q": q, "q_valid": q_valid,
-                "map": attn_map}
+                "q_sentence": q_sentence, "map": attn_map}
+
+    def local_loss(self, r: dict[str, Any], rows: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """The word-region loss over the report rows ``rows`` [M] bool (``method.medim_local``)."""
+        tau = self.config.method.tau
+        if self.config.method.medim_local == "report":
+            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows], r["values"][rows])
+            return _symmetric_ce(scores / tau, allowed)
+        enc = r["enc"]
+        groups = finding_groups(enc.keyword[rows], enc.sentence[rows], r["q_sentence"][rows], r["q_valid"][rows])
+        sims = word_region_sims(r["q"][rows], r["keys"][rows], r["values"][rows])
+        return finding_loss(sims, *groups, tau, allowed)
 
     def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor,
                        domains: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,8 +299,7 @@ class MedIM(MAE):
             allowed = same_domain(domains, latent.device)
         rows = r["q_valid"].any(1)  # reports with at least one query
         if int(rows.sum()) > 1:
-            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows], r["values"][rows])
-            local = _symmetric_ce(scores / tau, None if allowed is None else allowed[rows][:, rows])
+            local = self.local_loss(r, rows, None if allowed is None else allowed[rows][:, rows])
         words = ~r["enc"].padding
         text = (r["feats"] * words.unsqueeze(-1)).sum(1) / words.sum(1, keepdim=True).clamp_min(1)
         return local, _info_nce(self.img_proj(latent.mean(1)), self.txt_proj(text), tau, allowed)
@@ -230,7 +312,8 @@ class MedIM(MAE):
         has = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in reports], device=imgs.device)
         attn = torch.full((n, self.encoder.num_tokens), 1.0 / self.encoder.num_tokens, device=imgs.device)
         r = None
-        prior = batch.get("lesion_prob") if mc.medim_keys == "prior" else None
+        uses_prior = mc.medim_keys in ("prior", "prior_position")
+        prior = batch.get("lesion_prob") if uses_prior else None
         if bool(has.any()):
             rows = has.nonzero().flatten()
             r = self.report_attention(imgs[rows], [reports[i] for i in rows.tolist()],
@@ -252,9 +335,10 @@ class MedIM(MAE):
                    "loss_align": float(loss_align.detach()), "loss_local": float(loss_local.detach()),
                    "loss_global": float(loss_global.detach()), "mask_ratio": float(tm.mask.mean()),
                    "no_report_frac": float(1.0 - has.float().mean())}
-        if mc.medim_keys == "prior":
+        if uses_prior:
             metrics["medim_prior_missing"] = 1.0 if prior is None else 0.0
         return MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
 
 
-__all__ = ["MedIM", "patch_statistics", "same_domain", "word_region_scores"]
+__all__ = ["MedIM", "finding_groups", "finding_loss", "patch_statistics", "same_domain", "word_region_scores",
+           "word_region_sims"]

@@ -10,7 +10,16 @@ from torch import nn
 
 from raymim.masking.report_guided import report_guided_masking
 from raymim.methods import build_method
-from raymim.methods.medim import _symmetric_ce, patch_statistics, same_domain, word_region_scores
+from raymim.methods.medim import (
+    _symmetric_ce,
+    finding_groups,
+    finding_loss,
+    patch_statistics,
+    same_domain,
+    word_region_scores,
+    word_region_sims,
+)
+from raymim.models.text import ReportTokenizer
 
 from .conftest import tiny_config
 from .phantoms import phantom_batch
@@ -178,3 +187,77 @@ def test_prior_keys_and_separate_values():
     assert not torch.allclose(word_region_scores(q, valid, keys), word_region_scores(q, valid, keys, values))
     with pytest.raises(ValueError, match="medim_values"):
         tiny_config("medim", medim_values="tokens")
+
+
+@pytest.mark.parametrize("mode", ["kdm", "sdm"])
+def test_finding_loss_counts_shared_findings_as_positives(mode: str):
+    """medim_local="finding": each finding sentence picks every image whose report holds the same keywords."""
+    reports = ["CT. A 5 mm nodule in the left lung. A 20 mm hypodense lesion in the right liver.",
+               "CT. A 9 mm nodule in the left lung.",  # same finding as report 0's first (size is no keyword)
+               "CT. A 7 mm nodule in the right lung.",
+               "CT. No focal lesion."]
+    enc = ReportTokenizer(max_len=32)(reports)
+    if mode == "kdm":
+        q_sentence, q_valid = enc.sentence, enc.keyword >= 0
+    else:  # one query each: the first sentence naming a keyword (sentence 1 in every report)
+        q_sentence, q_valid = torch.ones(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.bool)
+    row, weight, positive = finding_groups(enc.keyword, enc.sentence, q_sentence, q_valid)
+    if mode == "kdm":
+        assert row.tolist() == [0, 0, 1, 2, 3]  # "CT." names no keyword: no finding
+        assert weight.sum(1).tolist() == [3.0, 4.0, 3.0, 3.0, 1.0]  # nodule left lung / hypodense lesion right liver
+    else:
+        assert row.tolist() == [0, 1, 2, 3] and weight.sum(1).tolist() == [1.0] * 4
+    by_row = {int(r): p.tolist() for r, p in zip(row.flip(0), positive.flip(0), strict=True)}  # first finding per row
+    assert by_row[0] == [True, True, False, False] and by_row[1] == [True, True, False, False]
+    assert by_row[2] == [False, False, True, False] and by_row[3] == [False, False, False, True]
+
+    # Scores that rank each finding's positives first give a lower loss than the reverse, and a
+    # finding whose candidates are all positives adds nothing.
+    q = q_valid.shape[1]
+    sims = torch.zeros(4, 4, q)
+    for g in range(len(row)):  # every query of finding g: 1 for the images holding it, 0 for the others
+        sims[row[g], :, weight[g] > 0] = positive[g].float()[:, None]
+    assert finding_loss(sims, row, weight, positive, 0.2) < finding_loss(-sims, row, weight, positive, 0.2)
+    chance = finding_loss(torch.zeros(4, 4, q), row, weight, positive, 0.2)
+    expected = [math.log(4 / int(p.sum())) for p in positive]
+    assert chance.item() == pytest.approx(sum(expected) / len(expected))
+    alone = torch.eye(4, dtype=torch.bool)  # every image in its own domain: no negatives
+    assert finding_loss(sims, row, weight, positive, 0.2, alone).item() == 0.0
+    no_findings = finding_groups(enc.keyword[:, :1], enc.sentence[:, :1], q_sentence[:, :1], q_valid[:, :1])
+    assert finding_loss(sims, *no_findings, 0.2).item() == 0.0
+
+    # Through the method: the loss trains the text encoder and the patch keys.
+    torch.manual_seed(0)
+    img, _, phantom_reports = phantom_batch(4)
+    method = build_method("medim", tiny_config("medim", medim_local="finding", medim_mode=mode,
+                                               text_dim=32, text_max_len=32))
+    out = method({"image": img, "report": phantom_reports})
+    assert out.metrics["loss_local"] > 0
+    out.loss.backward()
+    for module in (method.text_encoder, method.key_proj):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    sims = word_region_sims(torch.randn(4, 3, 32), torch.randn(4, 64, 32))
+    assert sims.shape == (4, 4, 3) and sims.abs().max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="medim_local"):
+        tiny_config("medim", medim_local="word")
+
+
+def test_prior_position_keys_see_only_where_and_how_lesion_like():
+    """medim_keys="prior_position": keys are position + MPS lesion_prob, blind to other image content."""
+    torch.manual_seed(0)
+    img, _, reports = phantom_batch(2)
+    method = build_method("medim", tiny_config("medim", medim_keys="prior_position", text_dim=32, text_max_len=32))
+    prob = torch.zeros(2, 8, 8, 8)
+    prob[1, 2, 5, 6] = 0.9  # -> token (1, 2, 3) of image 1
+    with torch.no_grad():
+        keys, values = method.patch_keys(img, prob)
+        bright, _ = method.patch_keys(img.flip(0) + 0.3, prob)
+    assert torch.equal(keys, bright)  # other image content does not reach the keys
+    changed = (keys[1] - keys[0]).abs().sum(-1) > 1e-6
+    assert changed.sum() == 1 and changed[1 * 16 + 2 * 4 + 3]
+    assert torch.equal(values, keys)  # medim_values="keys": the region pools the same features
+    out = method({"image": img, "report": reports, "lesion_prob": prob})
+    assert out.metrics["medim_prior_missing"] == 0.0
+    out.loss.backward()
+    assert method.prior_proj.weight.grad.abs().sum() > 0
+    assert method.encoder.patch_embedding.position_embeddings.grad.abs().sum() > 0
