@@ -44,13 +44,7 @@ from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.selection import lesion_token_mask  # noqa: E402
 from raymim.masking.tokens import patchify  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
-from raymim.methods.medim import (  # noqa: E402
-    _symmetric_ce,
-    finding_groups,
-    finding_loss,
-    word_region_scores,
-    word_region_sims,
-)
+from raymim.methods.medim import finding_groups, finding_loss, word_region_scores  # noqa: E402
 from tests.methods.conftest import tiny_config  # noqa: E402
 from tests.methods.phantoms import phantom_batch  # noqa: E402
 
@@ -181,22 +175,17 @@ def main() -> None:
                 own = method.report_attention(test_i, test_r, test_p)
                 other = method.report_attention(test_i, shuffled, test_p)
                 b = args.batch
-                local = [float(_symmetric_ce(word_region_scores(own["q"][i:i + b], own["q_valid"][i:i + b],
-                                                                own["keys"][i:i + b], own["values"][i:i + b])
-                                             / cfg.method.tau))
-                         for i in range(0, len(test_i) - b + 1, b)]
-                enc = own["enc"]
-                found = [float(finding_loss(
-                    word_region_sims(own["q"][i:i + b], own["keys"][i:i + b], own["values"][i:i + b]),
-                    *finding_groups(enc.keyword[i:i + b], enc.sentence[i:i + b], own["q_sentence"][i:i + b],
-                                    own["q_valid"][i:i + b]), cfg.method.tau))
-                         for i in range(0, len(test_i) - b + 1, b)]
+                # Both local losses, in held-out batches of b (the method's own loss code, no negatives mask).
+                slices = [torch.arange(len(test_i), device=dev) // b == k for k in range(len(test_i) // b)]
+                local = [float(method.local_loss(own, rows, None, "report")) for rows in slices]
+                found = [float(method.local_loss(own, rows, None, "finding")) for rows in slices]
                 if evals_done == 1:  # equal scores: the finding loss's chance level
+                    enc = own["enc"]
                     chance = [float(finding_loss(torch.zeros(b, b, own["q"].shape[1], device=dev),
-                                                 *finding_groups(enc.keyword[i:i + b], enc.sentence[i:i + b],
-                                                                 own["q_sentence"][i:i + b], own["q_valid"][i:i + b]),
+                                                 *finding_groups(enc.keyword[rows], enc.sentence[rows],
+                                                                 own["q_sentence"][rows], own["q_valid"][rows]),
                                                  cfg.method.tau))
-                              for i in range(0, len(test_i) - b + 1, b)]
+                              for rows in slices]
                     print(f"chance held-out finding loss = {sum(chance) / len(chance):.3f}", flush=True)
                 # Shortcut probe: how often a same-site image outscores report i's own image (chance 0.5).
                 full = word_region_scores(own["q"], own["q_valid"], own["keys"], own["values"])

@@ -103,6 +103,8 @@ from raymim.methods.mae import MAE
 from raymim.models.heads import ProjectionHead
 from raymim.models.text import Encoded, ReportTokenizer, TextEncoder, load_keywords
 
+PRIOR_KEYS = ("prior", "prior_position")  # medim_keys values that read the batch's lesion_prob
+
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / tau
@@ -239,7 +241,7 @@ class MedIM(MAE):
                                                    max_len=mc.text_max_len)
         self.key_proj = nn.Linear(m.hidden_size, mc.text_dim)
         self.stat_proj = nn.Linear(4 * m.in_channels, mc.text_dim) if mc.medim_keys == "stats" else None
-        self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys in ("prior", "prior_position") else None
+        self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys in PRIOR_KEYS else None
         self.value_proj = nn.Linear(m.hidden_size, mc.text_dim) if mc.medim_values == "separate" else None
         self.img_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
         self.txt_proj = ProjectionHead(mc.text_dim, mc.proj_dim)
@@ -253,9 +255,10 @@ class MedIM(MAE):
         """
         mode = self.config.method.medim_keys
         position = self.encoder.patch_embedding.position_embeddings  # [1, L, hidden]
+        tokens = None  # image tokens, only computed where the keys or the values read them
         if mode == "tokens":
             tokens = self.encoder.forward_tokens(imgs)
-        else:
+        elif mode != "prior_position" or self.value_proj is not None:
             tokens = self.encoder.embed_patches(imgs, None) + position
         if mode == "prior_position":  # where a patch is, and how lesion-like: no other image content
             keys = self.key_proj(position).expand(imgs.shape[0], -1, -1)
@@ -292,10 +295,12 @@ class MedIM(MAE):
         return {"enc": enc, "feats": feats, "keys": keys, "values": values, "q": q, "q_valid": q_valid,
                 "q_sentence": q_sentence, "map": attn_map}
 
-    def local_loss(self, r: dict[str, Any], rows: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """The word-region loss over the report rows ``rows`` [M] bool (``method.medim_local``)."""
+    def local_loss(self, r: dict[str, Any], rows: torch.Tensor, allowed: torch.Tensor | None,
+                   kind: str | None = None) -> torch.Tensor:
+        """The word-region loss over the report rows ``rows`` [M] bool: ``kind`` "report" or
+        "finding" (default ``method.medim_local``)."""
         tau = self.config.method.tau
-        if self.config.method.medim_local == "report":
+        if (kind or self.config.method.medim_local) == "report":
             scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows], r["values"][rows])
             return _symmetric_ce(scores / tau, allowed)
         enc = r["enc"]
@@ -328,7 +333,7 @@ class MedIM(MAE):
         has = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in reports], device=imgs.device)
         attn = torch.full((n, self.encoder.num_tokens), 1.0 / self.encoder.num_tokens, device=imgs.device)
         r = None
-        uses_prior = mc.medim_keys in ("prior", "prior_position")
+        uses_prior = mc.medim_keys in PRIOR_KEYS
         prior = batch.get("lesion_prob") if uses_prior else None
         if bool(has.any()):
             rows = has.nonzero().flatten()
