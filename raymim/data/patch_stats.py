@@ -72,17 +72,40 @@ MIN_CLUSTER_SHARE = 0.01  # population scope: clusters with fewer patches are ra
 FIT_MAX_PATCHES = {"kmeans": 50_000, "agglomerative": 4_000, "dbscan": 8_000}  # subsample (memory / time)
 
 
+def sym3_eigvalsh(a00, a11, a22, a01, a02, a12) -> np.ndarray:
+    """Eigenvalues of symmetric 3x3 matrices given by their six entries (arrays of one shape),
+    ascending in a new last axis: the closed-form trigonometric solution of the characteristic
+    cubic, computed in float64 (about 20x faster than ``np.linalg.eigvalsh`` on a 64^3 Hessian
+    field, which dominated :func:`patch_descriptors`; agrees with it to float32 precision).
+
+    With ``A = q I + p B`` (``q`` = trace / 3, ``p`` = the deviatoric norm / sqrt 6), the
+    eigenvalues are ``q + 2 p cos(phi + 2 pi k / 3)`` with ``phi = arccos(det(B) / 2) / 3``.
+    """
+    a00, a11, a22, a01, a02, a12 = (np.asarray(x, np.float64) for x in (a00, a11, a22, a01, a02, a12))
+    q = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    off = a01 * a01 + a02 * a02 + a12 * a12
+    p = np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * off) / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    det = (b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02))
+    r = np.clip(det / (2.0 * safe**3), -1.0, 1.0)
+    phi = np.arccos(r) / 3.0
+    top = q + 2.0 * p * np.cos(phi)  # p = 0 (a multiple of I): all three equal q
+    low = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    return np.stack([low, 3.0 * q - top - low, top], axis=-1)
+
+
 def blobness(volume: np.ndarray, sigma: float) -> np.ndarray:
     """Scale-normalised Hessian blob measure of a 3D array (same shape, >= 0)."""
     v = volume.astype(np.float32, copy=False)
-    hess = np.empty(v.shape + (3, 3), np.float32)
-    for i in range(3):
-        for j in range(i, 3):
-            order = [0, 0, 0]
-            order[i] += 1
-            order[j] += 1
-            hess[..., i, j] = hess[..., j, i] = ndimage.gaussian_filter(v, sigma, order=order)
-    lam = np.linalg.eigvalsh(hess)  # ascending, [..., 3]
+
+    def d2(i: int, j: int) -> np.ndarray:
+        order = [0, 0, 0]
+        order[i] += 1
+        order[j] += 1
+        return ndimage.gaussian_filter(v, sigma, order=order)
+
+    lam = sym3_eigvalsh(d2(0, 0), d2(1, 1), d2(2, 2), d2(0, 1), d2(0, 2), d2(1, 2))  # ascending, [..., 3]
     same_sign = (lam[..., 2] < 0) | (lam[..., 0] > 0)
     return (sigma**2) * np.where(same_sign, np.abs(lam).min(-1), 0.0).astype(np.float32)
 
@@ -182,4 +205,4 @@ def lesion_prob(crop: np.ndarray, cfg: PrepareConfig, model: PriorModel | None =
 
 
 __all__ = ["BLOB_SCALES", "MIN_CLUSTER_SHARE", "PriorModel", "blobness", "cluster_patches",
-           "fit_prior", "lesion_prob", "patch_descriptors"]
+           "fit_prior", "lesion_prob", "patch_descriptors", "sym3_eigvalsh"]

@@ -8,9 +8,32 @@ import pytest
 import torch
 
 from raymim.config import PrepareConfig, RaymimConfig, TrainConfig
-from raymim.data.patch_stats import PriorModel, blobness, cluster_patches, fit_prior, lesion_prob, patch_descriptors
+from raymim.data.patch_stats import (
+    PriorModel,
+    blobness,
+    cluster_patches,
+    fit_prior,
+    lesion_prob,
+    patch_descriptors,
+    sym3_eigvalsh,
+)
 from raymim.masking.selection import lesion_token_mask, mps_masking
 from tests.methods.phantoms import lesion_masking_factor, phantom_batch
+
+
+def test_closed_form_eigenvalues_match_numpy_including_degenerate_matrices():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(2000, 3, 3))
+    m = m + np.swapaxes(m, 1, 2)
+    m[:10] = 2.5 * np.eye(3)  # triple eigenvalue (the deviatoric part is 0)
+    m[10:20] = np.diag([1.0, 1.0, -3.0])  # a double one
+    m[20:30] = 0.0
+    m[30:40] *= 1e-6  # tiny, like a flat region's Hessian
+    lam = sym3_eigvalsh(m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2])
+    ref = np.linalg.eigvalsh(m)
+    assert lam.shape == (2000, 3)
+    np.testing.assert_allclose(lam, ref, atol=1e-9 * np.abs(ref).max(), rtol=1e-7)
+    assert np.all(np.diff(lam, axis=-1) >= -1e-12)  # ascending, like eigvalsh
 
 
 def test_blobness_prefers_blobs_to_edges_and_tubes():
