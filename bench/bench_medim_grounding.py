@@ -10,6 +10,9 @@ every ``--steps / 4`` steps, measures on ``--test`` held-out phantoms:
 * the same factors when each image is masked with another **same-site** image's report (shuffled
   control): an untrained attention already prefers body tissue to air (factor > 1), so grounding
   shows as own > shuffled, not as > 1;
+* the same factors with a same-site report that names **none** of the own organ + side pairs
+  (the *disjoint* control): words that look where the report's organ and side are give
+  own > disjoint, while a map that only learned where lesions are in general gives own = disjoint;
 * a site-shortcut probe: the share of same-site images whose score for report i beats image i's
   own (chance 0.50; the held-out loss can fall on site cues alone, with this at chance).
 
@@ -19,13 +22,14 @@ instead of batches from ``--train`` fixed ones, about 1 s more per step)::
     .venv/bin/python bench/bench_medim_grounding.py --size 64 --patch 8 --steps 2000
     .venv/bin/python bench/bench_medim_grounding.py --size 64 --patch 8 --steps 1600 --fresh
     .venv/bin/python bench/bench_medim_grounding.py --fresh --negatives domain --keys stats --steps 800 --evals 8
+    .venv/bin/python bench/bench_medim_grounding.py --train 960 --test 96 --local finding \
+        --keys position --values prior --steps 1200 --prior-cache .cache-bench/prior_960_96.pt
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,29 +46,10 @@ from raymim.data.patch_stats import PriorModel, fit_prior, lesion_prob, patch_de
 from raymim.data.synth import LESION  # noqa: E402
 from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.selection import lesion_token_mask  # noqa: E402
-from raymim.masking.tokens import patchify  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
 from raymim.methods.medim import finding_groups, finding_loss, word_region_scores  # noqa: E402
 from tests.methods.conftest import tiny_config  # noqa: E402
-from tests.methods.phantoms import phantom_batch  # noqa: E402
-
-ORGAN_LABEL = {("right", "liver"): 2, ("right", "kidney"): 3, ("left", "kidney"): 4, ("right", "lung"): 5,
-               ("left", "lung"): 6}
-
-
-def named_patches(labels: torch.Tensor, reports: list[str], patch: int) -> torch.Tensor:
-    """[N, L] bool: patches at least 25 % inside an organ + side that the report names, its lesions included.
-
-    The generator overwrites a lesion's voxels with label 8 (``LESION``) and names every lesion it
-    places in the report, so the named region is the named organs' labels plus every label-8 voxel.
-    """
-    masks = []
-    for lab, rep in zip(labels, reports, strict=True):
-        m = lab == LESION
-        for side, organ in re.findall(r"in the (right|left) (liver|kidney|lung)", rep):
-            m |= lab == ORGAN_LABEL[(side, organ)]
-        masks.append(m)
-    return patchify(torch.stack(masks).float(), patch).mean(-1) >= 0.25
+from tests.methods.phantoms import disjoint_reports, named_patches, phantom_batch  # noqa: E402
 
 
 def train_pool(n: int, size: int, pool: ProcessPoolExecutor | None) -> tuple[torch.Tensor, list[str]]:
@@ -95,8 +80,10 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=36)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior", "prior_position"])
-    ap.add_argument("--values", default="keys", choices=["keys", "separate"], help="method.medim_values")
+    ap.add_argument("--tau", type=float, default=0.2, help="method.tau of the alignment losses")
+    ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior", "prior_position",
+                                                                  "position"])
+    ap.add_argument("--values", default="keys", choices=["keys", "separate", "prior"], help="method.medim_values")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
@@ -117,7 +104,7 @@ def main() -> None:
     train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, pool)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
     train_p = test_p = prior_cfg = None
-    if args.keys.startswith("prior"):  # the MPS population prior (8^3 patches), fitted on 48 other phantoms
+    if args.keys.startswith("prior") or args.values == "prior":  # the MPS population prior (8^3 patches)
         t0 = time.perf_counter()
         prior_cfg = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
         cache = Path(args.prior_cache) if args.prior_cache else None
@@ -138,10 +125,11 @@ def main() -> None:
     named = named_patches(test_l, test_r, args.patch)
     lesion = lesion_token_mask(test_l, args.patch, LESION)
     shuffled = [test_r[(i + 3) % len(test_r)] for i in range(len(test_r))]  # a same-site report
+    disjoint = disjoint_reports(test_r)  # a same-site report naming none of the own organ + side pairs
     site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
     same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
     cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
-                      medim_values=args.values, medim_local=args.local,
+                      medim_values=args.values, medim_local=args.local, tau=args.tau,
                       text_dim=args.hidden, text_max_len=48)
     cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
                             mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
@@ -156,8 +144,9 @@ def main() -> None:
         test_p = test_p.to(dev)
     opt = torch.optim.AdamW(method.parameters(), lr=args.lr)
     print(f"chance local loss log({args.batch}) = {math.log(args.batch):.2f}")
-    print("| step | held-out local loss report / finding | named factor @0.1 own / shuffled | @0.25 own / shuffled "
-          "| lesion factor @0.1 own / shuffled | same-site above own | s |\n|---|---|---|---|---|---|---|")
+    print("| step | held-out local loss report / finding | named factor @0.1 own / shuffled / disjoint "
+          "| @0.25 own / shuffled / disjoint | lesion factor @0.1 own / shuffled | same-site above own | s |\n"
+          "|---|---|---|---|---|---|---|")
     start = time.perf_counter()
     evals_done = 0
     for step in range(args.steps + 1):
@@ -174,6 +163,7 @@ def main() -> None:
             with torch.no_grad():
                 own = method.report_attention(test_i, test_r, test_p)
                 other = method.report_attention(test_i, shuffled, test_p)
+                apart = method.report_attention(test_i, disjoint, test_p)
                 b = args.batch
                 # Both local losses, in held-out batches of b (the method's own loss code, no negatives mask).
                 slices = [torch.arange(len(test_i), device=dev) // b == k for k in range(len(test_i) // b)]
@@ -191,17 +181,17 @@ def main() -> None:
                 full = word_region_scores(own["q"], own["q_valid"], own["keys"], own["values"])
                 above = float(((full > full.diag()[:, None]) & same_site).sum() / same_site.sum())
                 has = torch.ones(len(test_i), dtype=torch.bool, device=dev)
-                factors = []
+                f = {}  # (ratio, control, region) -> factor
                 for ratio in (0.1, 0.25):
-                    for amap in (own["map"], other["map"]):
+                    for name, amap in (("own", own["map"]), ("shuffled", other["map"]), ("disjoint", apart["map"])):
                         mask = report_guided_masking(amap, ratio, 0.0, has).mask.bool()
-                        factors.append(float((mask & named).sum() / named.sum()) / ratio)
-                        if ratio == 0.1:
-                            factors.append(float((mask & lesion).sum() / lesion.sum()) / ratio)
+                        for region, where in (("named", named), ("lesion", lesion)):
+                            f[ratio, name, region] = float((mask & where).sum() / where.sum()) / ratio
             method.train()
             print(f"| {step} | {sum(local) / len(local):.3f} / {sum(found) / len(found):.3f} "
-                  f"| {factors[0]:.2f} / {factors[2]:.2f} "
-                  f"| {factors[4]:.2f} / {factors[5]:.2f} | {factors[1]:.2f} / {factors[3]:.2f} "
+                  + "".join(f"| {f[r, 'own', 'named']:.2f} / {f[r, 'shuffled', 'named']:.2f} / "
+                            f"{f[r, 'disjoint', 'named']:.2f} " for r in (0.1, 0.25))
+                  + f"| {f[0.1, 'own', 'lesion']:.2f} / {f[0.1, 'shuffled', 'lesion']:.2f} "
                   f"| {above:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
         if step == args.steps:
             if args.save:

@@ -232,11 +232,13 @@ class MethodConfig:
     medim_align_weight: float = 1.0  # weight of the image-report alignment loss
     # Patch keys of the word attention: "embed" (patch embedding + position), "tokens" (encoder, all
     # tokens), "stats" ("embed" plus per-image z-scored patch intensity statistics), "prior"
-    # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``) or
-    # "prior_position" (position plus that column only: no other image content in the keys)
+    # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``),
+    # "prior_position" (position plus that column only: no other image content in the keys) or
+    # "position" (position only: each word learns *where* to look, the same map in every image)
     medim_keys: str = "embed"
-    # Region features the word-region score pools: "keys" (the attention keys themselves, GLoRIA)
-    # or "separate" (their own projection of the tokens, without the stats / prior terms)
+    # Region features the word-region score pools: "keys" (the attention keys themselves, GLoRIA),
+    # "separate" (their own projection of the tokens, without the stats / prior terms) or "prior"
+    # (the keys plus the ``lesion_prob`` term: how lesion-like the attended region is)
     medim_values: str = "keys"
     # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
     # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
@@ -274,8 +276,9 @@ class MethodConfig:
         _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
-        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior", "prior_position"))
-        _check_choice("method.medim_values", self.medim_values, ("keys", "separate"))
+        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior", "prior_position",
+                                                                 "position"))
+        _check_choice("method.medim_values", self.medim_values, ("keys", "separate", "prior"))
         _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
         _check_choice("method.medim_local", self.medim_local, ("report", "finding"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)

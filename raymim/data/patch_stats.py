@@ -151,6 +151,11 @@ class PriorModel:
         z = ((desc - self.mean) / self.scale).reshape(-1, self.centres.shape[1])
         return pairwise_distances_argmin_min(z, self.centres)[1].reshape(desc.shape[:-1])
 
+    def score(self, desc: np.ndarray) -> np.ndarray:
+        """``lesion_prob`` of descriptors [..., F]: ``d / (d + tau)``, >= 0.5 on the lesion cluster."""
+        d = self.distance(desc)
+        return (d / (d + self.tau)).astype(np.float32)
+
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "centres": self.centres.tolist(),
                 "tau": self.tau}
@@ -194,8 +199,7 @@ def lesion_prob(crop: np.ndarray, cfg: PrepareConfig, model: PriorModel | None =
     if cfg.prior_scope == "population":
         if model is None:
             raise ValueError("prepare.prior_scope='population' needs the fitted prior model (fit_prior).")
-        d = model.distance(desc)
-        return (d / (d + model.tau)).reshape(grid).astype(np.float32)
+        return model.score(desc).reshape(grid)
     z = standardize(torch.from_numpy(desc)[None])  # [1, L, F]
     labels = cluster_patches(z[0].numpy(), cfg.prior_algorithm, cfg.prior_clusters, cfg.prior_eps, cfg.seed)
     labels = np.where(labels < 0, labels.max() + 1, labels)  # DBSCAN noise: one more cluster

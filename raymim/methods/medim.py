@@ -40,7 +40,9 @@ projection of the batch's MPS ``lesion_prob`` column (``prepare.lesion_prior``; 
 token grid, rows without it counted as ``medim_prior_missing``) to ``"embed"``;
 ``"prior_position"`` keeps only the position embedding and the ``lesion_prob`` term: where a patch
 is and how lesion-like it is, no other image content (the words can then only learn *where* to
-look for *lesion-like* patches, not site or fingerprint cues).
+look for *lesion-like* patches, not site or fingerprint cues); ``"position"`` keeps only the
+position: each word's attention is one learned map, the same in every image (an anatomical atlas
+of the words, for data whose crops are roughly aligned).
 
 Local loss (``method.medim_local``): ``"report"`` (default) is the GLoRIA diagonal InfoNCE above;
 ``"finding"`` scores each finding (one sentence of one report, its keyword queries averaged)
@@ -52,7 +54,11 @@ report unique (on the phantoms, sizes and site).
 
 Region values (``method.medim_values``): ``"keys"`` (default, GLoRIA) pools the keys themselves;
 ``"separate"`` pools their own projection of the tokens, so that a term shared by every image's
-attended region (the prior) is not what the words are compared with.
+attended region (the prior) is not what the words are compared with; ``"prior"`` pools the keys
+plus the ``lesion_prob`` term. With ``"position"`` keys, ``"prior"`` values and the finding loss,
+a finding's score for an image is how lesion-like the image is where the finding's words look,
+so the words learn to look where their findings are: the setting with which the named organ and
+side drive the mask on held-out phantoms (below).
 
 Negatives (``method.medim_negatives``): ``"batch"`` (default) uses every other report / image of
 the batch; ``"domain"`` keeps only pairs of the same ``domain`` column, so that site cues (report
@@ -103,7 +109,13 @@ from raymim.methods.mae import MAE
 from raymim.models.heads import ProjectionHead
 from raymim.models.text import Encoded, ReportTokenizer, TextEncoder, load_keywords
 
-PRIOR_KEYS = ("prior", "prior_position")  # medim_keys values that read the batch's lesion_prob
+PRIOR_KEYS = ("prior", "prior_position")  # medim_keys values that add the batch's lesion_prob to the keys
+POSITION_KEYS = ("position", "prior_position")  # medim_keys values without the patch embedding
+
+
+def reads_prior(method_config: Any) -> bool:
+    """Whether MedIM reads the batch's ``lesion_prob`` column (prior keys or prior values)."""
+    return method_config.medim_keys in PRIOR_KEYS or method_config.medim_values == "prior"
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,10 +174,19 @@ def word_region_scores(query: torch.Tensor, valid: torch.Tensor, keys: torch.Ten
 
 def word_region_sims(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
     """query [M, Q, D], keys [M, L, D] -> [M, M, Q]: cosine of query q of report i with its
-    attention-pooled region of image j (pooling ``values``, default the keys)."""
-    values = keys if values is None else values
-    attn = torch.einsum("iqd,jld->ijql", query, keys).div(keys.shape[-1] ** 0.5).softmax(-1)  # [M, M, Q, L]
-    region = torch.einsum("ijql,jld->ijqd", attn, values)  # [M, M, Q, D]
+    attention-pooled region of image j (pooling ``values`` [M, L, D], default the keys).
+
+    Keys [1, L, D] are the same in every image (``medim_keys="position"``): the attention is then
+    computed once per report instead of once per report-image pair.
+    """
+    values = (keys if values is None else values).expand(query.shape[0], -1, -1)
+    scale = keys.shape[-1] ** 0.5
+    if keys.shape[0] == 1:
+        attn = torch.einsum("iqd,ld->iql", query, keys[0]).div(scale).softmax(-1)  # [M, Q, L]
+        region = torch.einsum("iql,jld->ijqd", attn, values)
+    else:
+        attn = torch.einsum("iqd,jld->ijql", query, keys).div(scale).softmax(-1)  # [M, M, Q, L]
+        region = torch.einsum("ijql,jld->ijqd", attn, values)  # [M, M, Q, D]
     return F.cosine_similarity(query.unsqueeze(1), region, dim=-1)
 
 
@@ -241,35 +262,45 @@ class MedIM(MAE):
                                                    max_len=mc.text_max_len)
         self.key_proj = nn.Linear(m.hidden_size, mc.text_dim)
         self.stat_proj = nn.Linear(4 * m.in_channels, mc.text_dim) if mc.medim_keys == "stats" else None
-        self.prior_proj = nn.Linear(1, mc.text_dim) if mc.medim_keys in PRIOR_KEYS else None
+        self.prior_proj = nn.Linear(1, mc.text_dim) if reads_prior(mc) else None
         self.value_proj = nn.Linear(m.hidden_size, mc.text_dim) if mc.medim_values == "separate" else None
         self.img_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
         self.txt_proj = ProjectionHead(mc.text_dim, mc.proj_dim)
 
     def patch_keys(self, imgs: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, C, D, H, W] -> keys and values [N, L, text_dim]: encoder tokens (or patch embedding +
-        position), projected; the keys add the ``stats`` / ``prior`` terms, the values
-        (``medim_values="separate"``) are their own projection of the tokens.
+        position, or position alone), projected; the keys add the ``stats`` / ``prior`` terms; the
+        values are the keys, their own projection of the tokens (``medim_values="separate"``) or the
+        keys plus the prior term (``"prior"``).
 
-        ``prior``: the batch's ``lesion_prob`` rows for ``medim_keys="prior"`` (None: no prior term).
+        ``prior``: the batch's ``lesion_prob`` rows when :func:`reads_prior` (None: no prior term).
         """
-        mode = self.config.method.medim_keys
+        mc = self.config.method
+        mode = mc.medim_keys
         position = self.encoder.patch_embedding.position_embeddings  # [1, L, hidden]
         tokens = None  # image tokens, only computed where the keys or the values read them
         if mode == "tokens":
             tokens = self.encoder.forward_tokens(imgs)
-        elif mode != "prior_position" or self.value_proj is not None:
+        elif mode not in POSITION_KEYS or self.value_proj is not None:
             tokens = self.encoder.embed_patches(imgs, None) + position
-        if mode == "prior_position":  # where a patch is, and how lesion-like: no other image content
+        if mode in POSITION_KEYS:  # where a patch is (and, for prior_position, how lesion-like): no other content
             keys = self.key_proj(position).expand(imgs.shape[0], -1, -1)
         else:
             keys = self.key_proj(tokens)
         if self.stat_proj is not None:
             keys = keys + self.stat_proj(patch_statistics(imgs, self.patch))
+        prior_term = None
         if self.prior_proj is not None and prior is not None:
             p = prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype)
-            keys = keys + self.prior_proj(p.unsqueeze(-1))
-        return keys, (keys if self.value_proj is None else self.value_proj(tokens))
+            prior_term = self.prior_proj(p.unsqueeze(-1))
+        base = keys
+        if prior_term is not None and mode in PRIOR_KEYS:
+            keys = keys + prior_term
+        if mc.medim_values == "separate":
+            return keys, self.value_proj(tokens)
+        if mc.medim_values == "prior" and prior_term is not None:
+            return keys, base + prior_term
+        return keys, keys
 
     def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask-query features [M, Q, D], validity [M, Q] and sentence index [M, Q] for KDM
@@ -305,7 +336,10 @@ class MedIM(MAE):
             return _symmetric_ce(scores / tau, allowed)
         enc = r["enc"]
         groups = finding_groups(enc.keyword[rows], enc.sentence[rows], r["q_sentence"][rows], r["q_valid"][rows])
-        sims = word_region_sims(r["q"][rows], r["keys"][rows], r["values"][rows])
+        keys = r["keys"][rows]
+        if self.config.method.medim_keys == "position":
+            keys = keys[:1]  # the same in every image: one attention per report, not per report-image pair
+        sims = word_region_sims(r["q"][rows], keys, r["values"][rows])
         return finding_loss(sims, *groups, tau, allowed)
 
     def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor,
@@ -333,7 +367,7 @@ class MedIM(MAE):
         has = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in reports], device=imgs.device)
         attn = torch.full((n, self.encoder.num_tokens), 1.0 / self.encoder.num_tokens, device=imgs.device)
         r = None
-        uses_prior = mc.medim_keys in PRIOR_KEYS
+        uses_prior = reads_prior(mc)
         prior = batch.get("lesion_prob") if uses_prior else None
         if bool(has.any()):
             rows = has.nonzero().flatten()

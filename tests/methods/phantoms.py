@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
-from raymim.data.synth import _phantom
+from raymim.data.synth import LESION, _phantom
+from raymim.masking.tokens import patchify
+
+# The generator's organ labels by (side, organ) as its reports name them.
+ORGAN_LABEL = {("right", "liver"): 2, ("right", "kidney"): 3, ("left", "kidney"): 4, ("right", "lung"): 5,
+               ("left", "lung"): 6}
 
 
 def phantom_batch(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -23,3 +30,38 @@ def phantom_batch(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, 
 def lesion_masking_factor(mask: torch.Tensor, lesion: torch.Tensor, ratio: float) -> float:
     """How often lesion-holding tokens are masked, over the rate of random masking (= ratio)."""
     return float((mask.bool() & lesion).sum() / lesion.sum()) / ratio
+
+
+def named_sites(report: str) -> set[tuple[str, str]]:
+    """The (side, organ) pairs a phantom report's findings name."""
+    return set(re.findall(r"in the (right|left) (liver|kidney|lung)", report))
+
+
+def named_patches(labels: torch.Tensor, reports: list[str], patch: int) -> torch.Tensor:
+    """[N, L] bool: patches at least 25 % inside an organ + side that the report names, its lesions included.
+
+    The generator overwrites a lesion's voxels with label 8 (``LESION``) and names every lesion it
+    places in the report, so the named region is the named organs' labels plus every label-8 voxel.
+    """
+    masks = []
+    for lab, rep in zip(labels, reports, strict=True):
+        m = lab == LESION
+        for site in named_sites(rep):
+            m |= lab == ORGAN_LABEL[site]
+        masks.append(m)
+    return patchify(torch.stack(masks).float(), patch).mean(-1) >= 0.25
+
+
+def disjoint_reports(reports: list[str], sites: int = 3) -> list[str]:
+    """For each report, the next one of the same site (``phantom_batch`` cycles ``sites``) that names
+    none of its organ + side pairs: a control whose words point elsewhere in the same kind of image."""
+    out = []
+    n = len(reports)
+    for i, rep in enumerate(reports):
+        own = named_sites(rep)
+        js = [(i + k * sites) % n for k in range(1, n // sites + 1)]
+        j = next((j for j in js if j != i and not named_sites(reports[j]) & own), None)
+        if j is None:
+            raise ValueError(f"no same-site report names none of {sorted(own)}; draw more phantoms.")
+        out.append(reports[j])
+    return out
