@@ -65,24 +65,22 @@ the batch; ``"domain"`` keeps only pairs of the same ``domain`` column, so that 
 templates, lesion sizes in mm, scanner noise and field of view) cannot lower the loss. A row
 alone in its domain has no negatives and adds no alignment loss.
 
-Limitation, measured (``bench/bench_medim_grounding.py``, bench/RESULTS.md "MedIM grounding"):
-grounding is not shown on phantoms. With batch negatives and fresh phantoms every step, the
-held-out local loss does fall below chance (2.78 -> 2.58 in 800 steps at 64^3), but through a
-site shortcut: a report's own image is not ranked above other images of the same site (0.49,
-chance 0.50), and the own-report masks do not cover the named organ or its lesions more than a
-same-site shuffled report's. With ``medim_negatives="domain"`` and either ``"embed"``,
-``"tokens"`` or ``"stats"`` keys the held-out loss stays at chance for 200-800 CPU steps. With
-synthetic keys that plainly show the lesions, the same loss and text encoder do learn (held-out
-2.78 -> 2.43 in 400 steps): the image side, finding 0.01-0.04 contrast lesions, is what a short
-CPU run does not achieve. Longer H100 runs (4,000-5,400 steps of 48) stay at chance on held-out
-phantoms with a 7,200-phantom pool and memorise smaller pools; ``"prior"`` keys start on the
-lesions (text-independent) and training moves them off, with either value choice
-(bench/RESULTS.md "second follow-up"). ``medim_keys="prior_position"`` with
-``medim_local="finding"`` is the first setting with a held-out effect (bench/RESULTS.md "third
-follow-up"): the held-out finding loss falls below chance (1.38 -> 1.16 in 2,300 CPU steps) and
-own reports mask the named organs more than same-site shuffled reports at every checkpoint
-(4.5x vs 3.5x at ratio 0.1), but an untrained model already shows a gap (4.5x vs 3.9x), so a
-gap that grows with training is not shown beyond the noise of 96 held-out phantoms.
+Grounding, measured (``bench/bench_medim_grounding.py``, bench/RESULTS.md "MedIM grounding" and
+its follow-ups). With the default ``"embed"`` keys, and with ``"tokens"``, ``"stats"`` and
+``"prior"`` keys, grounding is not shown on phantoms: the held-out word-region loss either stays
+at chance or falls through a site shortcut (sizes in mm and scanner cues), and a report's own
+masks do not cover its named organ more than a same-site shuffled report's. The image side (soft
+tissue lesions 0.01-0.04 above their organ) is what a short CPU run does not learn, and longer H100
+runs memorise their pools. ``"prior_position"`` keys with the finding loss give the first held-out
+effect (finding loss 1.38 -> 1.16), but the prior in the keys already puts untrained masks on the
+lesions. **``"position"`` keys with ``"prior"`` values, the finding loss and tau 0.1 ground the
+words** (fourth follow-up; ``jobs/configs/medim-grounded-tiny.yaml``): untrained, every report
+masks the named organ + side at chance (about 1x); after 300-600 CPU steps a held-out report masks
+it 3.6-5x as often as chance at ratio 0.1, and 1.5-3.8x as often as a same-site report naming
+other organs does (96 held-out 64^3 phantoms, a 960-phantom pool, one initialisation seed). A
+CI-sized version (192-phantom pool, 300 steps) grounded for one seed of two, so no test asserts
+it yet. The position keys assume crops that cover comparable anatomy (whole volumes, registered
+scans).
 
 ``L = L_rec + medim_align_weight * (L_local + L_global)``.
 

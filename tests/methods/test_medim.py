@@ -22,7 +22,7 @@ from raymim.methods.medim import (
 from raymim.models.text import ReportTokenizer
 
 from .conftest import tiny_config
-from .phantoms import phantom_batch
+from .phantoms import disjoint_reports, named_sites, phantom_batch
 
 
 def test_image_independent_attention_scores_at_chance():
@@ -261,3 +261,50 @@ def test_prior_position_keys_see_only_where_and_how_lesion_like():
     out.loss.backward()
     assert method.prior_proj.weight.grad.abs().sum() > 0
     assert method.encoder.patch_embedding.position_embeddings.grad.abs().sum() > 0
+
+
+def test_position_keys_with_prior_values():
+    """medim_keys="position", medim_values="prior": the attention is one learned map per word (no image
+    content, no prior); what the word-region score compares is how lesion-like the attended region is."""
+    torch.manual_seed(0)
+    img, _, reports = phantom_batch(2)
+    method = build_method("medim", tiny_config("medim", medim_keys="position", medim_values="prior",
+                                               text_dim=32, text_max_len=32))
+    prob = torch.zeros(2, 8, 8, 8)
+    prob[1, 2, 5, 6] = 0.9  # -> token (1, 2, 3) of image 1
+    with torch.no_grad():
+        keys, values = method.patch_keys(img, prob)
+        other_keys, _ = method.patch_keys(img.flip(0) + 0.3, torch.rand_like(prob))
+        _, no_prior = method.patch_keys(img, None)
+    assert torch.equal(keys, other_keys) and torch.equal(keys[0], keys[1])  # the same keys in every image
+    changed = (values[1] - values[0]).abs().sum(-1) > 1e-6
+    assert changed.sum() == 1 and changed[1 * 16 + 2 * 4 + 3]  # values differ only where the prior does
+    assert torch.equal(no_prior, keys)  # without the column the values fall back to the keys
+    out = method({"image": img, "report": reports, "lesion_prob": prob})
+    assert out.metrics["medim_prior_missing"] == 0.0
+    out.loss.backward()
+    assert method.prior_proj.weight.grad.abs().sum() > 0
+    assert method.key_proj.weight.grad.abs().sum() > 0
+    assert method({"image": img, "report": reports}).metrics["medim_prior_missing"] == 1.0
+    with pytest.raises(ValueError, match="medim_keys"):
+        tiny_config("medim", medim_keys="where")
+    # Keys shared by every image: the one-attention-per-report path gives the same sims.
+    q, shared, values = torch.randn(3, 4, 32), torch.randn(1, 64, 32), torch.randn(3, 64, 32)
+    fast = word_region_sims(q, shared, values)
+    assert torch.allclose(fast, word_region_sims(q, shared.expand(3, -1, -1), values), atol=1e-6)
+    assert torch.allclose(word_region_sims(q, shared), word_region_sims(q, shared.expand(3, -1, -1)), atol=1e-6)
+
+
+
+def test_disjoint_control_reports_name_other_organs_of_the_same_site():
+    """The grounding bench's control: a same-site report that names none of the own organ + side pairs."""
+    _, _, reports = phantom_batch(48, 16, seed=11)
+    control = disjoint_reports(reports)
+    for i, (own, other) in enumerate(zip(reports, control, strict=True)):
+        assert not named_sites(own) & named_sites(other)
+        if reports.count(other) == 1:  # ("No focal lesion." recurs)
+            j = reports.index(other)
+            assert j % 3 == i % 3 and j != i  # phantom_batch cycles the sites
+    assert sum(bool(named_sites(r)) for r in reports) > 30
+    with pytest.raises(ValueError, match="draw more phantoms"):
+        disjoint_reports(["A nodule in the left lung."] * 3)
