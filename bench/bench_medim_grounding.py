@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tau", type=float, default=0.2, help="method.tau of the alignment losses")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed: initialisation and batch order")
     ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior", "prior_position",
                                                                   "position"])
     ap.add_argument("--values", default="keys", choices=["keys", "separate", "prior"], help="method.medim_values")
@@ -134,7 +135,7 @@ def main() -> None:
     cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
                             mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
                             decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     method = build_method("medim", cfg).to(dev)
     test_i = test_i.to(dev)
     named, lesion, same_site = named.to(dev), lesion.to(dev), same_site.to(dev)
