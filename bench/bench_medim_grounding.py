@@ -47,7 +47,7 @@ from raymim.data.synth import LESION  # noqa: E402
 from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.selection import lesion_token_mask  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
-from raymim.methods.medim import finding_groups, finding_loss, word_region_scores  # noqa: E402
+from raymim.methods.medim import finding_groups, finding_loss, reads_prior, word_region_scores  # noqa: E402
 from tests.methods.conftest import tiny_config  # noqa: E402
 from tests.methods.phantoms import disjoint_reports, named_patches, phantom_batch  # noqa: E402
 
@@ -104,8 +104,14 @@ def main() -> None:
     pool = ProcessPoolExecutor(args.workers) if args.workers > 1 else None  # one for the whole run
     train_i, train_r = (None, None) if args.fresh else train_pool(args.train, args.size, pool)
     test_i, test_l, test_r = phantom_batch(args.test, args.size, seed=11)
+    cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
+                      medim_values=args.values, medim_local=args.local, tau=args.tau,
+                      text_dim=args.hidden, text_max_len=48)
+    cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
+                            mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
+                            decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
     train_p = test_p = prior_cfg = None
-    if args.keys.startswith("prior") or args.values == "prior":  # the MPS population prior (8^3 patches)
+    if reads_prior(cfg.method):  # the MPS population prior (8^3 patches)
         t0 = time.perf_counter()
         prior_cfg = PrepareConfig(crop_size=[args.size] * 3, lesion_prior=True, prior_patch=8)
         cache = Path(args.prior_cache) if args.prior_cache else None
@@ -129,12 +135,6 @@ def main() -> None:
     disjoint = disjoint_reports(test_r)  # a same-site report naming none of the own organ + side pairs
     site = torch.arange(args.test) % 3  # phantom_batch cycles the sites
     same_site = (site[:, None] == site[None, :]) & ~torch.eye(args.test, dtype=torch.bool)
-    cfg = tiny_config("medim", mask_ratio=0.75, medim_keys=args.keys, medim_negatives=args.negatives,
-                      medim_values=args.values, medim_local=args.local, tau=args.tau,
-                      text_dim=args.hidden, text_max_len=48)
-    cfg.model = ModelConfig(img_size=args.size, patch_size=args.patch, hidden_size=args.hidden,
-                            mlp_dim=2 * args.hidden, num_layers=args.layers, num_heads=4,
-                            decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
     torch.manual_seed(args.seed)
     method = build_method("medim", cfg).to(dev)
     test_i = test_i.to(dev)

@@ -75,8 +75,9 @@ FIT_MAX_PATCHES = {"kmeans": 50_000, "agglomerative": 4_000, "dbscan": 8_000}  #
 def sym3_eigvalsh(a00, a11, a22, a01, a02, a12) -> np.ndarray:
     """Eigenvalues of symmetric 3x3 matrices given by their six entries (arrays of one shape),
     ascending in a new last axis: the closed-form trigonometric solution of the characteristic
-    cubic, computed in float64 (about 20x faster than ``np.linalg.eigvalsh`` on a 64^3 Hessian
-    field, which dominated :func:`patch_descriptors`; agrees with it to float32 precision).
+    cubic, computed in float64 (about 5x faster than ``np.linalg.eigvalsh`` on a 64^3 field of
+    matrices, one thread, which dominated :func:`patch_descriptors`; agrees with it to float32
+    precision).
 
     With ``A = q I + p B`` (``q`` = trace / 3, ``p`` = the deviatoric norm / sqrt 6), the
     eigenvalues are ``q + 2 p cos(phi + 2 pi k / 3)`` with ``phi = arccos(det(B) / 2) / 3``.
@@ -151,11 +152,6 @@ class PriorModel:
         z = ((desc - self.mean) / self.scale).reshape(-1, self.centres.shape[1])
         return pairwise_distances_argmin_min(z, self.centres)[1].reshape(desc.shape[:-1])
 
-    def score(self, desc: np.ndarray) -> np.ndarray:
-        """``lesion_prob`` of descriptors [..., F]: ``d / (d + tau)``, >= 0.5 on the lesion cluster."""
-        d = self.distance(desc)
-        return (d / (d + self.tau)).astype(np.float32)
-
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "centres": self.centres.tolist(),
                 "tau": self.tau}
@@ -199,7 +195,8 @@ def lesion_prob(crop: np.ndarray, cfg: PrepareConfig, model: PriorModel | None =
     if cfg.prior_scope == "population":
         if model is None:
             raise ValueError("prepare.prior_scope='population' needs the fitted prior model (fit_prior).")
-        return model.score(desc).reshape(grid)
+        d = model.distance(desc)
+        return (d / (d + model.tau)).reshape(grid).astype(np.float32)
     z = standardize(torch.from_numpy(desc)[None])  # [1, L, F]
     labels = cluster_patches(z[0].numpy(), cfg.prior_algorithm, cfg.prior_clusters, cfg.prior_eps, cfg.seed)
     labels = np.where(labels < 0, labels.max() + 1, labels)  # DBSCAN noise: one more cluster

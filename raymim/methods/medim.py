@@ -287,18 +287,15 @@ class MedIM(MAE):
             keys = self.key_proj(tokens)
         if self.stat_proj is not None:
             keys = keys + self.stat_proj(patch_statistics(imgs, self.patch))
-        prior_term = None
+        with_prior = keys
         if self.prior_proj is not None and prior is not None:
             p = prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype)
-            prior_term = self.prior_proj(p.unsqueeze(-1))
-        base = keys
-        if prior_term is not None and mode in PRIOR_KEYS:
-            keys = keys + prior_term
+            with_prior = keys + self.prior_proj(p.unsqueeze(-1))
+        if mode in PRIOR_KEYS:
+            keys = with_prior
         if mc.medim_values == "separate":
             return keys, self.value_proj(tokens)
-        if mc.medim_values == "prior" and prior_term is not None:
-            return keys, base + prior_term
-        return keys, keys
+        return keys, (with_prior if mc.medim_values == "prior" else keys)
 
     def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask-query features [M, Q, D], validity [M, Q] and sentence index [M, Q] for KDM
@@ -329,16 +326,15 @@ class MedIM(MAE):
         """The word-region loss over the report rows ``rows`` [M] bool: ``kind`` "report" or
         "finding" (default ``method.medim_local``)."""
         tau = self.config.method.tau
-        if (kind or self.config.method.medim_local) == "report":
-            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], r["keys"][rows], r["values"][rows])
-            return _symmetric_ce(scores / tau, allowed)
-        enc = r["enc"]
-        groups = finding_groups(enc.keyword[rows], enc.sentence[rows], r["q_sentence"][rows], r["q_valid"][rows])
         keys = r["keys"][rows]
         if self.config.method.medim_keys == "position":
             keys = keys[:1]  # the same in every image: one attention per report, not per report-image pair
-        sims = word_region_sims(r["q"][rows], keys, r["values"][rows])
-        return finding_loss(sims, *groups, tau, allowed)
+        if (kind or self.config.method.medim_local) == "report":
+            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], keys, r["values"][rows])
+            return _symmetric_ce(scores / tau, allowed)
+        enc = r["enc"]
+        groups = finding_groups(enc.keyword[rows], enc.sentence[rows], r["q_sentence"][rows], r["q_valid"][rows])
+        return finding_loss(word_region_sims(r["q"][rows], keys, r["values"][rows]), *groups, tau, allowed)
 
     def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor,
                        domains: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

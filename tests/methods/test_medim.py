@@ -295,7 +295,6 @@ def test_position_keys_with_prior_values():
     assert torch.allclose(word_region_sims(q, shared), word_region_sims(q, shared.expand(3, -1, -1)), atol=1e-6)
 
 
-
 def test_disjoint_control_reports_name_other_organs_of_the_same_site():
     """The grounding bench's control: a same-site report that names none of the own organ + side pairs."""
     _, _, reports = phantom_batch(48, 16, seed=11)
