@@ -24,6 +24,8 @@ instead of batches from ``--train`` fixed ones, about 1 s more per step)::
     .venv/bin/python bench/bench_medim_grounding.py --fresh --negatives domain --keys stats --steps 800 --evals 8
     .venv/bin/python bench/bench_medim_grounding.py --train 960 --test 96 --local finding \
         --keys position --values prior --steps 1200 --prior-cache .cache-bench/prior_960_96.pt
+    .venv/bin/python bench/bench_medim_grounding.py --train 192 --test 96 --local finding --tau 0.1 \
+        --keys position --values prior_score --steps 600 --prior-cache .cache-bench/prior_192_96.pt
 """
 
 from __future__ import annotations
@@ -84,11 +86,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="torch seed: initialisation and batch order")
     ap.add_argument("--keys", default="embed", choices=["embed", "tokens", "stats", "prior", "prior_position",
                                                                   "position"])
-    ap.add_argument("--values", default="keys", choices=["keys", "separate", "prior"], help="method.medim_values")
+    ap.add_argument("--values", default="keys", choices=["keys", "separate", "prior", "prior_score"],
+                    help="method.medim_values")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="new phantoms every step (no fixed training set)")
     ap.add_argument("--negatives", default="batch", choices=["batch", "domain"], help="method.medim_negatives")
     ap.add_argument("--local", default="report", choices=["report", "finding"], help="method.medim_local")
+    ap.add_argument("--align-only", action="store_true",
+                    help="train the word-region loss alone (no MAE, no report-image loss), as the CI test does")
     ap.add_argument("--evals", type=int, default=4, help="evaluations over the run (plus one before it)")
     ap.add_argument("--save", help="write the trained method's state_dict here")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the phantoms are drawn on the CPU)")
@@ -203,6 +208,17 @@ def main() -> None:
             extra = {} if prior_cfg is None else {"lesion_prob": priors(bi, prior_cfg, model, pool)}
             out = method({"image": bi.to(dev), "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)],
                           **extra})
+        elif args.align_only:
+            idx = torch.randperm(args.train)[: args.batch]
+            r = method.report_attention(train_i[idx], [train_r[i] for i in idx.tolist()],
+                                        None if train_p is None else train_p[idx])
+            loss = method.local_loss(r, r["q_valid"].any(1), None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 250 == 0:
+                print(f"  train step {step}: loss_local {float(loss):.3f}", flush=True)
+            continue
         else:
             idx = torch.randperm(args.train)[: args.batch]
             extra = {} if train_p is None else {"lesion_prob": train_p[idx]}

@@ -237,8 +237,10 @@ class MethodConfig:
     # "position" (position only: each word learns *where* to look, the same map in every image)
     medim_keys: str = "embed"
     # Region features the word-region score pools: "keys" (the attention keys themselves, GLoRIA),
-    # "separate" (their own projection of the tokens, without the stats / prior terms) or "prior"
-    # (the keys plus the ``lesion_prob`` term: how lesion-like the attended region is)
+    # "separate" (their own projection of the tokens, without the stats / prior terms), "prior"
+    # (the keys plus the ``lesion_prob`` term: how lesion-like the attended region is) or
+    # "prior_score" (the attended ``lesion_prob`` itself is the score, times a learned scale: no
+    # cosine with the query)
     medim_values: str = "keys"
     # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
     # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
@@ -278,7 +280,7 @@ class MethodConfig:
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
         _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior", "prior_position",
                                                                  "position"))
-        _check_choice("method.medim_values", self.medim_values, ("keys", "separate", "prior"))
+        _check_choice("method.medim_values", self.medim_values, ("keys", "separate", "prior", "prior_score"))
         _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
         _check_choice("method.medim_local", self.medim_local, ("report", "finding"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)

@@ -295,6 +295,30 @@ def test_position_keys_with_prior_values():
     assert torch.allclose(word_region_sims(q, shared), word_region_sims(q, shared.expand(3, -1, -1)), atol=1e-6)
 
 
+def test_prior_score_values_score_the_attended_lesion_prob():
+    """medim_values="prior_score": a word's score for an image is the lesion_prob under its attention
+    (no cosine, no prior projection); the loss trains the attention and a logit scale."""
+    torch.manual_seed(0)
+    img, _, reports = phantom_batch(2)
+    method = build_method("medim", tiny_config("medim", medim_keys="position", medim_values="prior_score",
+                                               medim_local="finding", text_dim=32, text_max_len=32))
+    assert method.prior_proj is None and math.isclose(float(method.prior_scale.exp()), 20 * 0.2, rel_tol=1e-6)
+    prob = torch.rand(2, 4, 4, 4)  # the token grid of the tiny 32^3 / patch-8 model
+    keys, values = method.patch_keys(img, prob)
+    assert values.shape == (2, 64, 1) and torch.equal(values[..., 0], prob.reshape(2, 64))
+    assert not method.patch_keys(img, None)[1].any()  # no column: every image scores 0
+    q = torch.randn(2, 3, 32)
+    attn = torch.einsum("iqd,ld->iql", q, keys[0]).div(32**0.5).softmax(-1)
+    expected = torch.einsum("iql,jl->ijq", attn, values[..., 0])
+    assert torch.allclose(word_region_sims(q, keys[:1], values), expected, atol=1e-6)
+    out = method({"image": img, "report": reports, "lesion_prob": prob})
+    out.loss.backward()
+    assert out.metrics["loss_local"] > 0
+    assert method.prior_scale.grad.abs() > 0 and method.key_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="medim_values"):
+        tiny_config("medim", medim_values="score")
+
+
 def test_disjoint_control_reports_name_other_organs_of_the_same_site():
     """The grounding bench's control: a same-site report that names none of the own organ + side pairs."""
     _, _, reports = phantom_batch(48, 16, seed=11)
