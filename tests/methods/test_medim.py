@@ -302,7 +302,7 @@ def test_prior_score_values_score_the_attended_lesion_prob():
     img, _, reports = phantom_batch(2)
     method = build_method("medim", tiny_config("medim", medim_keys="position", medim_values="prior_score",
                                                medim_local="finding", text_dim=32, text_max_len=32))
-    assert method.prior_proj is None and math.isclose(float(method.prior_scale.exp()), 20 * 0.2, rel_tol=1e-6)
+    assert method.prior_proj is None and math.isclose(float(method.prior_scale.detach().exp()), 20 * 0.2, rel_tol=1e-6)
     prob = torch.rand(2, 4, 4, 4)  # the token grid of the tiny 32^3 / patch-8 model
     keys, values = method.patch_keys(img, prob)
     assert values.shape == (2, 64, 1) and torch.equal(values[..., 0], prob.reshape(2, 64))
