@@ -35,23 +35,27 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from itertools import repeat
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymim.config import ModelConfig, PrepareConfig  # noqa: E402
-from raymim.data.patch_stats import PriorModel, fit_prior, lesion_prob, patch_descriptors  # noqa: E402
 from raymim.data.synth import LESION  # noqa: E402
 from raymim.masking.report_guided import report_guided_masking  # noqa: E402
 from raymim.masking.selection import lesion_token_mask  # noqa: E402
 from raymim.methods import build_method  # noqa: E402
 from raymim.methods.medim import finding_groups, finding_loss, reads_prior, word_region_scores  # noqa: E402
 from tests.methods.conftest import tiny_config  # noqa: E402
-from tests.methods.phantoms import disjoint_reports, named_patches, phantom_batch  # noqa: E402
+from tests.methods.phantoms import (  # noqa: E402
+    disjoint_reports,
+    fit_phantom_prior,
+    lesion_masking_factor,
+    named_patches,
+    phantom_batch,
+    phantom_priors,
+)
 
 
 def train_pool(n: int, size: int, pool: ProcessPoolExecutor | None) -> tuple[torch.Tensor, list[str]]:
@@ -59,18 +63,6 @@ def train_pool(n: int, size: int, pool: ProcessPoolExecutor | None) -> tuple[tor
     chunks = [(min(48, n - s), size, 10_000 + s) for s in range(0, n, 48)]
     parts = list((pool.map if pool else map)(phantom_batch, *zip(*chunks, strict=True)))
     return torch.cat([p[0] for p in parts]), [r for p in parts for r in p[2]]
-
-
-def _prior_one(crop, cfg: PrepareConfig, model: dict) -> torch.Tensor:
-    return torch.from_numpy(lesion_prob(crop, cfg, PriorModel.from_dict(model)))
-
-
-def priors(images: torch.Tensor, cfg: PrepareConfig, model: PriorModel,
-           pool: ProcessPoolExecutor | None) -> torch.Tensor:
-    """The MPS population prior's ``lesion_prob`` grid of every image [N, 1, S, S, S] -> [N, S/8, S/8, S/8]."""
-    crops = [v[0].numpy() for v in images]
-    args = (_prior_one, crops, repeat(cfg), repeat(model.to_dict()))
-    return torch.stack(list(pool.map(*args, chunksize=8) if pool else map(*args)))
 
 
 def main() -> None:
@@ -126,10 +118,10 @@ def main() -> None:
                 raise SystemExit(f"{cache} holds priors for other --test / --train sizes.")
         if cache is None or not cache.exists() or args.fresh:
             fit_i, _, _ = phantom_batch(48, args.size, seed=12)
-            model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), 8) for v in fit_i]), prior_cfg)
+            model = fit_phantom_prior(fit_i, prior_cfg)
         if cache is None or not cache.exists():
-            test_p = priors(test_i, prior_cfg, model, pool)
-            train_p = None if train_i is None else priors(train_i, prior_cfg, model, pool)
+            test_p = phantom_priors(test_i, prior_cfg, model, pool)
+            train_p = None if train_i is None else phantom_priors(train_i, prior_cfg, model, pool)
             if cache is not None:
                 torch.save({"test": test_p, "train": train_p}, cache)
         print(f"MPS prior for {len(test_i) + (0 if train_i is None else len(train_i))} phantoms: "
@@ -192,7 +184,7 @@ def main() -> None:
                     for name, amap in (("own", own["map"]), ("shuffled", other["map"]), ("disjoint", apart["map"])):
                         mask = report_guided_masking(amap, ratio, 0.0, has).mask.bool()
                         for region, where in (("named", named), ("lesion", lesion)):
-                            f[ratio, name, region] = float((mask & where).sum() / where.sum()) / ratio
+                            f[ratio, name, region] = lesion_masking_factor(mask, where, ratio)
             method.train()
             print(f"| {step} | {sum(local) / len(local):.3f} / {sum(found) / len(found):.3f} "
                   + "".join(f"| {f[r, 'own', 'named']:.2f} / {f[r, 'shuffled', 'named']:.2f} / "
@@ -205,7 +197,7 @@ def main() -> None:
             break
         if args.fresh:
             bi, _, br = phantom_batch(args.batch, args.size, seed=1000 + step)
-            extra = {} if prior_cfg is None else {"lesion_prob": priors(bi, prior_cfg, model, pool)}
+            extra = {} if prior_cfg is None else {"lesion_prob": phantom_priors(bi, prior_cfg, model, pool)}
             out = method({"image": bi.to(dev), "report": br, "domain": [f"site{i % 3}" for i in range(args.batch)],
                           **extra})
         elif args.align_only:
@@ -217,7 +209,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             if step % 250 == 0:
-                print(f"  train step {step}: loss_local {float(loss):.3f}", flush=True)
+                print(f"  train step {step}: loss_local {float(loss.detach()):.3f}", flush=True)
             continue
         else:
             idx = torch.randperm(args.train)[: args.batch]

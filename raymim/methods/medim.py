@@ -301,18 +301,15 @@ class MedIM(MAE):
             keys = self.key_proj(tokens)
         if self.stat_proj is not None:
             keys = keys + self.stat_proj(patch_statistics(imgs, self.patch))
-        with_prior = keys
-        if self.prior_proj is not None and prior is not None:
-            p = prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype)
-            with_prior = keys + self.prior_proj(p.unsqueeze(-1))
+        # The lesion_prob per token [N, L, 1]; without the column no prior term (prior_score: every score 0).
+        p = None if prior is None else prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype).unsqueeze(-1)
+        with_prior = keys if self.prior_proj is None or p is None else keys + self.prior_proj(p)
         if mode in PRIOR_KEYS:
             keys = with_prior
         if mc.medim_values == "separate":
             return keys, self.value_proj(tokens)
-        if mc.medim_values == "prior_score":  # one channel: the lesion_prob itself (zero without the column)
-            if prior is None:
-                return keys, keys.new_zeros(*keys.shape[:2], 1)
-            return keys, prior_token_scores(prior.to(imgs.device), self.grid).to(keys.dtype).unsqueeze(-1)
+        if mc.medim_values == "prior_score":  # one channel: the lesion_prob itself
+            return keys, (keys.new_zeros(*keys.shape[:2], 1) if p is None else p)
         return keys, (with_prior if mc.medim_values == "prior" else keys)
 
     def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

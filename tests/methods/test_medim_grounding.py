@@ -16,17 +16,22 @@ report-image loss as well) is run in ``bench/bench_medim_grounding.py`` (bench/R
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from raymim.config import ModelConfig, PrepareConfig
-from raymim.data.patch_stats import fit_prior, lesion_prob, patch_descriptors
 from raymim.masking.report_guided import report_guided_masking
 from raymim.methods import build_method
 
 from .conftest import tiny_config
-from .phantoms import disjoint_reports, named_patches, phantom_batch
+from .phantoms import (
+    disjoint_reports,
+    fit_phantom_prior,
+    lesion_masking_factor,
+    named_patches,
+    phantom_batch,
+    phantom_priors,
+)
 
 SIZE, PATCH = 64, 8
 POOL, HELD_OUT, STEPS, BATCH = 192, 48, 300, 16
@@ -44,13 +49,11 @@ def grounded_config(**method: object):
 @pytest.fixture(scope="module")
 def phantoms():
     """Training pool and held-out phantoms with their MPS priors [N, 8, 8, 8] (about 1.5 min on one core)."""
-    torch.set_num_threads(1)
     prep = PrepareConfig(crop_size=[SIZE] * 3, lesion_prior=True, prior_patch=PATCH)
-    fit_imgs, _, _ = phantom_batch(24, SIZE, seed=12)
-    model = fit_prior(np.concatenate([patch_descriptors(v[0].numpy(), PATCH) for v in fit_imgs]), prep)
+    model = fit_phantom_prior(phantom_batch(24, SIZE, seed=12)[0], prep)
 
     def priors(imgs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(lesion_prob(v[0].numpy(), prep, model)) for v in imgs])
+        return phantom_priors(imgs, prep, model)
 
     pool_imgs, _, pool_reports = phantom_batch(POOL, SIZE, seed=10)
     test_imgs, test_labels, test_reports = phantom_batch(HELD_OUT, SIZE, seed=11)
@@ -65,7 +68,7 @@ def named_factor(method, imgs: torch.Tensor, reports: list[str], prior: torch.Te
         amap = method.report_attention(imgs, reports, prior)["map"]
     method.train()
     mask = report_guided_masking(amap, RATIO, 0.0, torch.ones(len(imgs), dtype=torch.bool)).mask.bool()
-    return float((mask & named).sum() / named.sum()) / RATIO
+    return lesion_masking_factor(mask, named, RATIO)
 
 
 def test_reconstruction_does_not_reach_the_mask_attention():
