@@ -308,6 +308,57 @@ class MethodConfig:
         _check_positive("method.tau", self.tau)
 
 
+_RECON = {"mask_ratio", "norm_pix_loss", "recon_loss", "mask_block"}
+_LEVELS = {"levels", "level_sizes", "gamma", "alpha", "tau", "proj_dim"}
+_SCHEDULE = {"mask_schedule", "mask_ratio_start", "mask_ratio_end", "mask_warmup", "mask_stages"}
+_MPS = {"mps_mode", "mps_clusters", "mps_every", "mps_iters", "mps_features", "mps_share", "mps_threshold"}
+_CONTRAST = {"mask_ratio", "norm_pix_loss", "recon_loss", "proj_dim", "tau", "contrast_weight", "rec_weight"}
+# method.name -> the MethodConfig fields that method reads (the rest are ignored by it).
+METHOD_FIELDS: dict[str, set[str]] = {
+    "mae": _RECON,
+    "simmim": _RECON,
+    "mim": _RECON | _LEVELS,
+    "mps_ams": _RECON | _LEVELS | _SCHEDULE | _MPS,
+    "medim": _RECON | {"proj_dim", "tau"} | {f.name for f in dataclasses.fields(MethodConfig)
+                                             if f.name.startswith(("medim_", "text_"))},
+    "hssl": _CONTRAST | {"domains", "max_domains", "domain_weight"},
+    "simclr": _CONTRAST,
+}
+
+
+def ignored_method_fields(mc: MethodConfig) -> set[str]:
+    """MethodConfig fields that cannot change what ``mc.name`` trains, given the other fields:
+    fields the method does not read, the schedule's fields under a constant schedule, the MPS
+    fields a selection mode does not use, MiM's alignment fields at one level... Two Tune trials
+    that differ only in these are the same experiment (``raymim.tune.driver`` collapses them)."""
+    every = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
+    used = set(METHOD_FIELDS.get(mc.name, every))
+    if mc.name in ("mim", "mps_ams") and mc.levels == 1:
+        used -= {"gamma", "alpha", "tau", "proj_dim"}
+    if "mask_schedule" in used:
+        if mc.mask_schedule == "constant":
+            used -= _SCHEDULE - {"mask_schedule"}
+        else:
+            if mc.mask_schedule != "step":
+                used.discard("mask_stages")
+            if mc.mask_ratio_start is not None and mc.mask_ratio_end is not None:
+                used.discard("mask_ratio")
+    if "mps_mode" in used:
+        used -= {"none": _MPS - {"mps_mode"}, "prior": {"mps_clusters", "mps_every", "mps_iters", "mps_features"},
+                 "online": {"mps_threshold"}}[mc.mps_mode]
+    if mc.name in ("hssl", "simclr") and mc.rec_weight == 0:
+        used -= {"norm_pix_loss", "recon_loss"}
+    return every - used
+
+
+def effective_method(mc: MethodConfig) -> dict[str, Any]:
+    """``mc`` as a dict without its ignored fields (``level_sizes`` cut to ``levels``)."""
+    out = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ignored_method_fields(mc)}
+    if "level_sizes" in out:
+        out["level_sizes"] = list(out["level_sizes"])[: mc.levels]
+    return out
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and Ray Train scaling for ``raymim pretrain``."""
@@ -330,8 +381,18 @@ class TrainConfig:
     visual_every: int = 500  # reconstruction panel to MLflow every N steps (0: never)
     max_failures: int = 1
     seed: int = 0
+    # Probe: held-out crops (whole cases kept out of training) on which every checkpoint report
+    # measures a score that does not depend on the method's hyperparameters: the pixel-space
+    # reconstruction MSE with a fixed random token mask at `probe_ratio` (NT-Xent at tau 0.2 on
+    # fixed views for methods without a reconstruction term). Reported as `probe_loss`; Tune's
+    # ASHA stops trials on it. 0 turns it off (a sweep with ASHA turns it on with 4 crops).
+    probe_crops: int = 0
+    probe_ratio: float = 0.75
 
     def __post_init__(self) -> None:
+        if self.probe_crops < 0:
+            raise ValueError(f"train.probe_crops should be >= 0, got {self.probe_crops}.")
+        _check_range("train.probe_ratio", self.probe_ratio, 0.0, 1.0)
         for name in ("steps", "batch_size", "accumulation", "num_workers", "checkpoint_every", "log_every"):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.lr", self.lr)
@@ -362,10 +423,32 @@ class FinetuneConfig:
     # Original label values to keep (mapped to 1..K in order); None keeps every label > 0 as is.
     classes: list[int] | None = None
     class_names: list[str] | None = None
-    steps: int = 200
+    # Budget per cell: ``steps`` when set (every cell the same), else ``steps_per_case`` x the
+    # cell's training cases, clamped to [min_steps, max_steps]: a 10 % cell trains less than a
+    # 100 % cell, and a pretrained cell exactly as long as its scratch twin.
+    steps: int | None = None
+    steps_per_case: int = 40
+    min_steps: int = 100
+    max_steps: int = 2000
     batch_size: int = 2
+    # AdamW with a linear warm-up over this share of the budget, then cosine decay (MONAI's
+    # UNETR / Swin-UNETR BTCV recipe: AdamW 1e-4, weight decay 1e-5).
     lr: float = 1e-4
     weight_decay: float = 1e-5
+    warmup_fraction: float = 0.1
+    # Layer-wise LR decay of the pretrained encoder (BEiT / MAE fine-tuning): block i of L gets
+    # lr x layer_decay^(L + 1 - i), the patch embedding layer_decay^(L + 1); 1.0 turns it off.
+    layer_decay: float = 1.0
+    # MONAI's BTCV training augmentation after the positive/negative crop: flips on each axis
+    # and 90-degree rotations (p 0.1), intensity scale (p 0.1) and shift (+-0.1, p 0.5).
+    augment: bool = True
+    # Validation Dice every `val_every` steps (None: 5 times per cell); the best-scoring weights
+    # are the cell's model ("best_val"), or the last weights ("last"). No validation cases: last.
+    val_every: int | None = None
+    select: str = "best_val"
+    # Pretraining overlap: a validation / test case whose content is in the pretraining shards
+    # is reported as a warning, or with `strict_overlap` refused (exit 2).
+    strict_overlap: bool = False
     # Training crop / sliding-window ROI; None uses model.img_size in every axis.
     roi_size: list[int] | None = None
     feature_size: int = 16
@@ -388,8 +471,18 @@ class FinetuneConfig:
             raise ValueError(f"finetune.fractions should list at least one fraction, got {self.fractions}.")
         for f in self.fractions:
             _check_range("finetune.fractions", f, 0.0, 1.0, hi_open=False)
-        for name in ("seeds", "steps", "batch_size", "feature_size", "sw_batch_size", "num_workers", "quick_steps"):
+        for name in ("seeds", "steps_per_case", "min_steps", "max_steps", "batch_size", "feature_size",
+                     "sw_batch_size", "num_workers", "quick_steps"):
             _check_positive(f"finetune.{name}", getattr(self, name))
+        for name in ("steps", "val_every"):
+            if getattr(self, name) is not None:
+                _check_positive(f"finetune.{name}", getattr(self, name))
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"finetune.min_steps should be <= finetune.max_steps, got {self.min_steps} > "
+                             f"{self.max_steps}.")
+        _check_range("finetune.warmup_fraction", self.warmup_fraction, 0.0, 1.0, lo_open=False)
+        _check_range("finetune.layer_decay", self.layer_decay, 0.0, 1.0, hi_open=False)
+        _check_choice("finetune.select", self.select, ("best_val", "last"))
         _check_range("finetune.val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False)
         _check_range("finetune.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -418,7 +511,10 @@ class FinetuneConfig:
 @dataclass
 class TuneConfig:
     """A Ray Tune sweep (``raymim tune``): search space over any config field, search algorithm,
-    ASHA early stopping on the pretraining loss, and the downstream objective.
+    ASHA early stopping on the held-out probe (``train.probe_*``: a reconstruction error with a
+    fixed mask at one reference ratio, comparable across swept mask ratios, alphas, level counts
+    and selection modes, unlike the training loss), and the objective: validation Dice of a
+    quick fine-tune. Test metrics are computed for the selected trial only.
 
     ``space`` maps a dotted config key to one spec: ``{grid: [...]}``, ``{choice: [...]}``,
     ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}``.
@@ -429,12 +525,13 @@ class TuneConfig:
     # "random" / "grid": Tune's variant generator (grid entries enumerated, the rest sampled);
     # "optuna": TPE via Optuna (needs `pip install optuna`).
     algorithm: str = "random"
-    scheduler: str = "asha"  # "asha" (on the pretraining loss, by step) or "none"
+    scheduler: str = "asha"  # "asha" (on the held-out probe_loss, by step) or "none"
     grace_period: int = 4  # steps before ASHA may stop a trial
     reduction_factor: int = 2
     max_concurrent: int = 2
     trial_cpus: float = 1.0  # the trial's own process (driver of its Train run + quick fine-tune)
-    # Objective: quick downstream fine-tune Dice on `labelled` (a fixed validation split).
+    # Objective: quick downstream fine-tune Dice on the validation cases of `labelled` (split by
+    # finetune.split_seed / val_fraction; a labelled set without validation cases is refused).
     labelled: str | None = None
     finetune_steps: int = 20
     seed: int = 0

@@ -87,10 +87,10 @@ def _quick_finetune(res, manifest: Path, cfg) -> list[str]:
 
     encoder_state, pre_cfg = load_pretrained(res.checkpoint_path)
     print("[demo] quick fine-tune: pretrained vs scratch", flush=True)
-    scores = quick_finetune(encoder_state, pre_cfg, str(manifest), with_scratch=True)
+    scores = quick_finetune(encoder_state, pre_cfg, str(manifest), with_scratch=True, score_test=True)
     client = mlflow.MlflowClient(res.tracking_uri)
-    for key in ("dice/mean", "scratch/dice/mean", "dice_gain_vs_scratch"):
+    for key in ("test/dice/mean", "scratch/test/dice/mean", "test_dice_gain_vs_scratch"):
         client.log_metric(res.mlflow_run_id, f"demo_finetune/{key}", float(scores[key]))
     return [f"  quick fine-tune ({pre_cfg.finetune.quick_steps} steps, {pre_cfg.finetune.fractions[0]:.0%} of the "
-            f"labels), mean Dice on held-out phantoms: pretrained {scores['dice/mean']:.3f} vs scratch "
-            f"{scores['scratch/dice/mean']:.3f}"]
+            f"labels, best of the validation checks), mean Dice on held-out test phantoms: pretrained "
+            f"{scores['test/dice/mean']:.3f} vs scratch {scores['scratch/test/dice/mean']:.3f}"]

@@ -62,8 +62,8 @@ PRIOR_MODEL_FILE = "prior_model.json"  # MPS prior's population model (raymim.da
 ROW_GROUP_BYTES = 32 << 20
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "uint8": pa.uint8()}
 
-__all__ = ["SCHEMA_VERSION", "discover_cases", "load_commits", "read_shards", "rows_to_table", "schema",
-           "write_commit", "write_shard"]
+__all__ = ["SCHEMA_VERSION", "case_crop_counts", "discover_cases", "load_commits", "read_case_images",
+           "read_shards", "rows_to_table", "schema", "write_commit", "write_shard"]
 
 
 def schema(crop_size: list[int], dtype: str, keep_paths: bool = False, prior_patch: int | None = None) -> pa.Schema:
@@ -181,6 +181,33 @@ def shard_files(path: str | os.PathLike) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no shards found in {str(path)!r}.")
     return files
+
+
+def case_crop_counts(path: str | os.PathLike) -> dict[str, int]:
+    """``{case_id: number of crops}`` over the shards of a prepared folder (reads one column)."""
+    counts: dict[str, int] = {}
+    for f in shard_files(path):
+        for cid in pq.read_table(f, columns=["case_id"]).column("case_id").to_pylist():
+            counts[cid] = counts.get(cid, 0) + 1
+    return counts
+
+
+def read_case_images(path: str | os.PathLike, case_ids: list[str] | set[str], limit: int | None = None) -> np.ndarray:
+    """The ``image`` crops of ``case_ids`` as float32 ``[N, D, H, W]`` (shard order, at most ``limit``)."""
+    import pyarrow.compute as pc
+
+    want = pa.array(sorted(case_ids), type=pa.string())
+    out: list[np.ndarray] = []
+    for f in shard_files(path):
+        table = pq.read_table(f, columns=["image", "case_id"], filters=pc.field("case_id").isin(want))
+        if table.num_rows:
+            out.append(table.column("image").combine_chunks().to_numpy_ndarray().astype(np.float32))
+        if limit is not None and sum(len(a) for a in out) >= limit:
+            break
+    if not out:
+        return np.zeros((0,), dtype=np.float32)
+    images = np.concatenate(out)
+    return images[:limit] if limit is not None else images
 
 
 def read_shards(path: str | os.PathLike, columns: list[str] | None = None, shuffle: bool = False,

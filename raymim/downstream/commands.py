@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,13 +15,21 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="labelled manifest (image,label[,split]), folder or dataset.json")
     parser.add_argument("--fractions", default=None, help="comma-separated label fractions, e.g. 0.05,0.1,1.0")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per fraction (each a pretrained/scratch pair)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per cell")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fixed training steps per cell (default: finetune.steps_per_case x the cell's "
+                             "training cases, within [finetune.min_steps, finetune.max_steps])")
     parser.add_argument("--classes", default=None, help="label values to keep, e.g. 2,8 (mapped to 1..K)")
     parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (linear-probe style)")
     parser.add_argument("--engine", choices=("ray", "local"), default=None, help="Ray Train job or in-process")
     parser.add_argument("--quick", action="store_true", help="first fraction, one seed, finetune.quick_steps steps")
     parser.add_argument("--out", default=None, help="output folder (default runs/finetune/<name>)")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--pretrain-data", default=None, metavar="SHARDS",
+                        help="the encoder's pretraining shards, to check that no validation / test case was "
+                             "pretrained on (default: the folder the checkpoint records)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse (exit 2) when a validation / test case is in the pretraining shards, or "
+                             "when that cannot be checked (finetune.strict_overlap)")
     add_config_arguments(parser)
 
 
@@ -42,10 +51,18 @@ def run_finetune(args: argparse.Namespace) -> int:
         overrides.append(f"finetune.classes=[{args.classes}]")
     if args.freeze_encoder:
         overrides.append("finetune.freeze_encoder=true")
+    if args.strict:
+        overrides.append("finetune.strict_overlap=true")
     cfg = load_config(args.config, overrides)
     out = args.out or str(DEFAULT_ROOT / "finetune" / cfg.name)
-    res = _run(args.pretrained, args.data, cfg, out, quick=args.quick, engine=args.engine,
-               log_mlflow=not args.no_mlflow)
+    from raymim.downstream.overlap import OverlapError
+
+    try:
+        res = _run(args.pretrained, args.data, cfg, out, quick=args.quick, engine=args.engine,
+                   log_mlflow=not args.no_mlflow, pretrain_data=args.pretrain_data)
+    except OverlapError as exc:
+        print(f"raymim finetune: {exc}", file=sys.stderr)
+        return 2
     print((res.out_dir / "results.md").read_text())
     print(json.dumps({"out_dir": str(res.out_dir), "mlflow_parent_run": res.parent_run_id,
                       "child_runs": len(res.child_run_ids)}, indent=2))

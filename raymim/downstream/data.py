@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,16 +33,6 @@ def remap_labels(label: torch.Tensor, classes: Sequence[int] | None) -> torch.Te
     return out.to(torch.uint8)
 
 
-def _split_column(data: str | Path) -> dict[str, str]:
-    """``split`` values of a CSV manifest, by the image column (empty when there is none)."""
-    path = Path(data)
-    if not (path.is_file() and path.suffix.lower() == ".csv"):
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {r["image"]: r["split"].strip().lower() for r in rows if r.get("split")}
-
-
 def case_id(record: dict[str, Any]) -> str:
     return str(record.get("rel") or Path(record["image"]).name)
 
@@ -56,6 +45,10 @@ def load_labelled_cases(
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """``(cases, fixed_sides)``: preprocessed labelled cases and any manifest ``split`` column.
 
+    Each case also carries ``patient`` (a manifest's ``patient`` / ``patient_id`` column, or
+    None: splits keep one patient's cases on one side) and ``source`` (the image and label
+    paths, for the pretraining-overlap check; never written anywhere).
+
     ``data`` is what :func:`raymim.io.discover.discover_cases` accepts (a folder, a manifest, an MSD
     ``dataset.json``) or a list of ``{"image", "label"}`` records. Cases without a label are skipped.
     """
@@ -65,10 +58,8 @@ def load_labelled_cases(
         from raymim.io.discover import discover_cases
 
         records = discover_cases(data)
-        fixed_raw = _split_column(data)
     else:
         records = [dict(r, rel=r.get("rel") or r.get("id") or Path(r["image"]).name) for r in data]
-        fixed_raw = {case_id(r): r["split"] for r in records if r.get("split")}
     records = [r for r in records if r.get("label") and not r.get("error")]
     if not records:
         raise ValueError(f"no labelled cases in {data!r} (a manifest needs a 'label' column)")
@@ -84,8 +75,10 @@ def load_labelled_cases(
             "image": torch.as_tensor(np.asarray(img.detach().cpu()), dtype=torch.float32).contiguous(),
             "label": remap_labels(torch.as_tensor(np.asarray(lab.detach().cpu())), classes).contiguous(),
             "spacing": voxel_spacing(img),
+            "patient": rec.get("patient"),
+            "source": (rec["image"], rec.get("label")),
         })
-    fixed = {case_id(r): fixed_raw[r.get("rel", "")] for r in records if r.get("rel", "") in fixed_raw}
+    fixed = {case_id(r): str(r["split"]).strip().lower() for r in records if r.get("split")}
     return cases, fixed
 
 

@@ -6,8 +6,8 @@ objective a Tune trial calls (in-process, no nested Ray Train job).
 Example::
 
     res = run_finetune("runs/mim/checkpoint", "phantoms/manifest.csv", cfg, "runs/ft", engine="local")
-    res.summary[0]["dice/mean"]
-    quick_finetune(encoder_state, cfg, cases)["dice/mean"]
+    res.summary[0]["dice/mean"]                        # test Dice of the selected weights
+    quick_finetune(encoder_state, cfg, cases)["val/dice/mean"]
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ def _cases_arg(data: Any, cfg: RaymimConfig) -> tuple[list[dict[str, Any]], dict
     return load_labelled_cases(data, cfg.prepare, cfg.finetune.classes, _roi(cfg))
 
 
+def split_cases(cases: list[dict[str, Any]], fixed: Mapping[str, str], cfg: RaymimConfig) -> Split:
+    """The run's case-level split: ``finetune.split_seed`` / ``val_fraction`` / ``test_fraction``,
+    manifest ``split`` sides, one patient's cases on one side."""
+    ft = cfg.finetune
+    groups = {c["id"]: c["patient"] for c in cases if c.get("patient")}
+    return make_split([c["id"] for c in cases], ft.split_seed, ft.val_fraction, ft.test_fraction, fixed, groups)
+
+
 def quick_finetune(
     encoder_state: Mapping[str, torch.Tensor] | None,
     cfg: RaymimConfig,
@@ -80,16 +88,21 @@ def quick_finetune(
     fraction: float | None = None,
     seed: int = 0,
     with_scratch: bool = False,
+    score_test: bool = False,
 ) -> dict[str, float]:
-    """One fine-tuning cell in-process; returns flat test metrics (``dice/mean``, ``nsd/mean``,
-    ``hd95/mean``, ``ppv/mean``, ``sensitivity/mean``, per class ``dice/<name>``...), ``val/...``
-    metrics, and with ``with_scratch`` the same for scratch under ``scratch/`` plus
-    ``dice_gain_vs_scratch``. ``data``: a path :func:`load_labelled_cases` accepts, or the
-    already loaded cases (load once per Tune search and pass them, e.g. through ``ray.put``).
-    Safe inside a Ray task or Tune trial (no Ray or MLflow calls)."""
+    """One fine-tuning cell in-process, scored on the **validation** cases: ``val/dice/mean``,
+    ``val/nsd/mean``, ... per class ``val/dice/<name>``; with ``score_test`` also the test cases
+    under ``test/...`` (only for a model that has been selected: a sweep's best trial, the demo);
+    with ``with_scratch`` the same for the scratch twin under ``scratch/`` plus
+    ``val_dice_gain_vs_scratch`` (and ``test_dice_gain_vs_scratch``). ``data``: a path
+    :func:`load_labelled_cases` accepts, or the already loaded cases. Refuses a labelled set
+    without validation cases. Safe inside a Ray task or Tune trial (no Ray or MLflow calls)."""
     ft = cfg.finetune
     cases, fixed = _cases_arg(data, cfg)
-    split = make_split([c["id"] for c in cases], ft.split_seed, ft.val_fraction, ft.test_fraction, fixed)
+    split = split_cases(cases, fixed, cfg)
+    if not split.val:
+        raise ValueError(f"no validation cases in {len(cases)} labelled case(s) (finetune.val_fraction="
+                         f"{ft.val_fraction}): a quick fine-tune is scored on validation cases only")
     by_id = {c["id"]: c for c in cases}
     num_classes = num_classes_of(cases, ft.classes)
     frac = ft.fractions[0] if fraction is None else fraction
@@ -97,13 +110,17 @@ def quick_finetune(
     inits = ["pretrained"] + (["scratch"] if with_scratch else []) if encoder_state is not None else ["scratch"]
     for init in inits:
         cell = {"fraction": frac, "seed": seed, "init": init, "train_ids": fraction_subset(split.train, frac, seed)}
-        res = train_cell(cell, by_id, encoder_state, cfg, num_classes, steps or ft.quick_steps, split.val, split.test)
+        res = train_cell(cell, by_id, encoder_state, cfg, num_classes, steps or ft.quick_steps, split.val,
+                         split.test if score_test else ())
         pre = "" if init == inits[0] else "scratch/"
-        out.update({f"{pre}{k}": v for k, v in res["test"].items()})
         out.update({f"{pre}val/{k}": v for k, v in res["val"].items()})
+        out.update({f"{pre}test/{k}": v for k, v in res["test"].items()})
         out[f"{pre}train_seconds"] = res["train_seconds"]
-    if "scratch/dice/mean" in out and inits[0] == "pretrained":
-        out["dice_gain_vs_scratch"] = out["dice/mean"] - out["scratch/dice/mean"]
+        out[f"{pre}best_step"] = res["best_step"]
+    if with_scratch and inits[0] == "pretrained":
+        for side in ("val", "test"):
+            if f"scratch/{side}/dice/mean" in out:
+                out[f"{side}_dice_gain_vs_scratch"] = out[f"{side}/dice/mean"] - out[f"scratch/{side}/dice/mean"]
     return out
 
 
@@ -115,9 +132,15 @@ def run_finetune(
     quick: bool = False,
     engine: str | None = None,
     log_mlflow: bool = True,
+    pretrain_data: str | None = None,
 ) -> FinetuneResult:
     """The full evaluation. ``pretrained``: checkpoint dir / encoder.pt / MLflow ref, or an
-    ``(encoder_state, config)`` pair. Writes results under ``out_dir`` and logs to MLflow."""
+    ``(encoder_state, config)`` pair. Writes results under ``out_dir`` and logs to MLflow.
+
+    ``pretrain_data``: the pretraining shards, for the overlap check (default: what the
+    checkpoint records); ``finetune.strict_overlap`` turns an overlap (or an unchecked one) into
+    an :class:`~raymim.downstream.overlap.OverlapError` before anything is trained."""
+    from raymim.downstream.overlap import OverlapError, pretrain_data_of, pretraining_overlap
     from raymim.train.checkpoint import load_pretrained
 
     t0 = time.time()
@@ -125,18 +148,24 @@ def run_finetune(
     encoder_state, pre_cfg = pretrained if isinstance(pretrained, tuple) else load_pretrained(pretrained)
     cfg = merge_pretrained_config(cfg, pre_cfg)
     ft = cfg.finetune
+    cases, fixed = _cases_arg(data, cfg)
+    split = split_cases(cases, fixed, cfg)
+    overlap = pretraining_overlap(cases, split, pretrain_data or pretrain_data_of(ref))
+    if ft.strict_overlap and (overlap.count or not overlap.checked):
+        raise OverlapError(overlap.message() + " (finetune.strict_overlap / --strict)")
+    if overlap.count or not overlap.checked:
+        print(f"[raymim] warning: {overlap.message()}", flush=True)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cases, fixed = _cases_arg(data, cfg)
-    split = make_split([c["id"] for c in cases], ft.split_seed, ft.val_fraction, ft.test_fraction, fixed)
     num_classes = num_classes_of(cases, ft.classes)
     fractions = ft.fractions[:1] if quick else sorted(ft.fractions)
     seeds = 1 if quick else ft.seeds
-    steps = ft.quick_steps if quick else ft.steps
+    steps = ft.quick_steps if quick else None  # None: each cell's finetune_budget
     cells = [{"fraction": f, "seed": s, "init": init, "train_ids": fraction_subset(split.train, f, s)}
              for f in fractions for s in range(seeds) for init in ("pretrained", "scratch")]
     overlay_ids = split.test[: ft.overlays]
-    job = {"cfg": to_dict(cfg), "cases": {c["id"]: c for c in cases}, "encoder_state": dict(encoder_state),
+    job = {"cfg": to_dict(cfg), "cases": {c["id"]: _in_memory(c) for c in cases},
+           "encoder_state": dict(encoder_state),
            "num_classes": num_classes, "steps": steps, "cells": cells, "val_ids": split.val, "test_ids": split.test,
            "overlay_ids": overlay_ids, "out_dir": str(out)}
     engine = engine or ft.engine
@@ -146,11 +175,17 @@ def run_finetune(
         run_cells(job)
     results = load_cell_results(out, [cell_key(c) for c in cells])
     rows, summary = cell_rows(results), summary_rows(results)
-    artifacts = _write_artifacts(out, rows, summary, results, {c["id"]: c for c in cases}, split, cfg, ref)
+    artifacts = _write_artifacts(out, rows, summary, results, {c["id"]: c for c in cases}, split, cfg, ref,
+                                 overlap.message())
     parent, children = (None, {})
     if log_mlflow:
         parent, children = _log_mlflow(cfg, ref, results, summary, artifacts, split, quick, time.time() - t0)
     return FinetuneResult(out, rows, summary, split, parent, children, artifacts)
+
+
+def _in_memory(case: Mapping[str, Any]) -> dict[str, Any]:
+    """A case as the cells need it (no source paths travel to the workers)."""
+    return {k: v for k, v in case.items() if k != "source"}
 
 
 def _fit_with_ray_train(job: dict[str, Any], cfg: RaymimConfig, out: Path) -> None:
@@ -175,11 +210,16 @@ def _fit_with_ray_train(job: dict[str, Any], cfg: RaymimConfig, out: Path) -> No
 
 
 def _write_artifacts(out: Path, rows, summary, results, cases, split: Split, cfg: RaymimConfig,
-                     ref: str | None) -> list[Path]:
+                     ref: str | None, overlap: str = "") -> list[Path]:
     arts = [write_csv(rows, out / "results.csv"), write_csv(summary, out / "summary.csv")]
     title = f"{cfg.method.name} {cfg.model.backbone} vs scratch ({len(split.test)} test cases)"
     md = markdown_summary(summary, title)
-    (out / "results.md").write_text(md + f"\nPretrained: `{ref}`. Per-cell rows: results.csv.\n")
+    budget = ", ".join(sorted({f"{r['n_train']} cases: {r['steps']} steps" for r in results}))
+    selected = "best validation Dice" if any(r.get("select") == "best_val" for r in results) else "last step"
+    md += (f"\nPretrained: `{ref}`. Split: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
+           f"cases; budget {budget}; weights selected by {selected}; scored on the test cases. {overlap}. "
+           "Per-cell rows: results.csv.\n")
+    (out / "results.md").write_text(md)
     arts.append(out / "results.md")
     arts.append(plot_dice_vs_fraction(summary, out / "dice_vs_fraction.png"))
     (out / "split.json").write_text(json.dumps(dataclasses.asdict(split), indent=1))

@@ -1,11 +1,21 @@
 """One fine-tuning cell (fraction x seed x {pretrained, scratch}) and the Ray Train loop over cells.
 
-A cell trains the segmentation network for a fixed number of steps on random ROI crops (MONAI
-``RandCropByPosNegLabeld``, half centred on foreground), with ``DiceCELoss``, AdamW and a cosine
-schedule, then scores the full volumes of the validation and test cases with MONAI's
-``sliding_window_inference``. The pretrained and the scratch cell of a pair share the seed, so
-their decoders start from the same initialisation and see the same crops: they differ only by
-the encoder's initial weights.
+The recipe follows MONAI's published UNETR / Swin-UNETR BTCV fine-tuning:
+
+- training crops by label (``RandCropByPosNegLabeld``, half centred on foreground), then flips
+  on each axis and 90-degree rotations (p 0.1), intensity scale (p 0.1) and shift (+-0.1,
+  p 0.5) (``finetune.augment``);
+- ``DiceCELoss``, AdamW, a linear warm-up then cosine decay (MONAI's ``WarmupCosineSchedule``),
+  optional layer-wise LR decay of the pretrained encoder (``finetune.layer_decay``);
+- a budget that scales with the cell's training cases (``finetune.steps_per_case``, clamped to
+  ``[min_steps, max_steps]``; a fixed ``finetune.steps`` overrides it);
+- validation (full volumes, MONAI ``sliding_window_inference``) every ``finetune.val_every``
+  steps; the weights with the best validation Dice are the cell's model, and only that model is
+  scored on the test cases.
+
+The pretrained and the scratch cell of a pair share the seed and the budget, so their decoders
+start from the same initialisation and see the same crops: they differ only by the encoder's
+initial weights.
 
 The Ray Train loop (:func:`finetune_train_loop`) runs a whole grid in one ``TorchTrainer`` job:
 worker ``r`` of ``w`` takes cells ``r, r + w, ...`` (grid parallelism; each cell is small, so
@@ -15,7 +25,9 @@ under ``out_dir/cells/`` and reports once at the end (Train V2's ``report`` is c
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,13 +45,67 @@ def cell_key(cell: Mapping[str, Any]) -> str:
     return f"f{cell['fraction']:g}_s{cell['seed']}_{cell['init']}"
 
 
-def _crop_sampler(roi: Sequence[int], seed: int):
-    from monai.transforms import RandCropByPosNegLabeld
+def finetune_budget(n_train: int, cfg: RaymimConfig, steps: int | None = None) -> int:
+    """Training steps of a cell with ``n_train`` training cases: ``steps`` if given, else
+    ``finetune.steps`` if set, else ``steps_per_case x n_train`` clamped to ``[min_steps, max_steps]``."""
+    ft = cfg.finetune
+    if steps is not None:
+        return int(steps)
+    if ft.steps is not None:
+        return int(ft.steps)
+    return int(min(ft.max_steps, max(ft.min_steps, ft.steps_per_case * max(1, n_train))))
 
-    crop = RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=tuple(roi), pos=1.0,
-                                  neg=1.0, num_samples=1, allow_smaller=False)
-    crop.set_random_state(seed=seed)
-    return crop
+
+def train_transforms(roi: Sequence[int], seed: int, augment: bool = True):
+    """MONAI's BTCV fine-tuning transforms on ``{"image", "label"}`` tensors ``[1, X, Y, Z]``: a
+    positive/negative crop, then (``augment``) flips, 90-degree rotations, intensity scale and
+    shift. Returns a seeded ``Compose`` whose output is a one-element list of crops."""
+    from monai.transforms import (
+        Compose,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = ["image", "label"]
+    steps = [RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=tuple(roi), pos=1.0, neg=1.0,
+                                    num_samples=1, allow_smaller=False)]
+    if augment:
+        steps += [RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(3)]
+        steps += [RandRotate90d(keys=keys, prob=0.1, max_k=3),
+                  RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
+                  RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)]
+    return Compose(steps, lazy=False).set_random_state(seed=seed)
+
+
+_BLOCK = re.compile(r"(?:blocks\.|layers)(\d+)")
+
+
+def layer_decay_groups(net: torch.nn.Module, prefix: str, lr: float, weight_decay: float,
+                       decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups with layer-wise LR decay over the encoder under ``prefix``.
+
+    Encoder layer ids: 0 for the embedding (everything of the encoder outside a numbered block),
+    ``i + 1`` for ViT block ``i`` (``blocks.i``; Swin stage ``layers{k}`` counts as block
+    ``k - 1``); the decoder and heads are layer ``L + 1``, at the full ``lr``. Biases and norms
+    get no weight decay (as in BEiT / MAE fine-tuning)."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    ids = {}
+    for name, _ in named:
+        if name.startswith(prefix):
+            m = _BLOCK.search(name[len(prefix):])
+            ids[name] = (int(m.group(1)) + (1 if "blocks." in m.group(0) else 0)) if m else 0
+    top = max(ids.values(), default=0) + 1
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named:
+        layer = ids.get(name, top)
+        no_wd = param.ndim <= 1
+        g = groups.setdefault((layer, no_wd), {"params": [], "lr": lr * decay ** (top - layer),
+                                              "weight_decay": 0.0 if no_wd else weight_decay, "layer": layer})
+        g["params"].append(param)
+    return list(groups.values())
 
 
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], sw_batch_size: int = 2,
@@ -68,19 +134,30 @@ def evaluate_cases(net: torch.nn.Module, cases: Sequence[Mapping[str, Any]], num
     return summarize(per_case, class_names_for(num_classes, ft.class_names)), preds
 
 
+def _mean_dice(metrics: Mapping[str, float]) -> float:
+    v = metrics.get("dice/mean", float("nan"))
+    return float(v) if v == v else -1.0  # no scorable class counts as the worst
+
+
 def train_cell(
     cell: Mapping[str, Any],
     cases: Mapping[str, Mapping[str, Any]],
     encoder_state: Mapping[str, torch.Tensor] | None,
     cfg: RaymimConfig,
     num_classes: int,
-    steps: int,
+    steps: int | None = None,
     val_ids: Sequence[str] = (),
     test_ids: Sequence[str] = (),
     overlay_ids: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Train and score one cell. ``cell``: ``{"fraction", "seed", "init", "train_ids"}``."""
+    """Train one cell, select its weights on ``val_ids``, score them on ``test_ids``.
+
+    ``cell``: ``{"fraction", "seed", "init", "train_ids"}``; ``steps``: a fixed budget (None:
+    :func:`finetune_budget`). Returns the selected model's ``val`` and ``test`` metrics (``test``
+    is empty without ``test_ids``), ``best_step``, the validation curve and the predictions of
+    ``overlay_ids``."""
     from monai.losses import DiceCELoss
+    from monai.optimizers import WarmupCosineSchedule
 
     ft = cfg.finetune
     roi = tuple(int(s) for s in (ft.roi_size or [cfg.model.img_size] * 3))
@@ -88,6 +165,8 @@ def train_cell(
     t0 = time.time()
     torch.manual_seed(seed)
     np.random.seed(seed)
+    train = [cases[i] for i in cell["train_ids"]]
+    steps = finetune_budget(len(train), cfg, steps)
     net, prefix = build_segmentation_network(cfg.model, num_classes, roi, encoder_state, ft.feature_size,
                                              ft.norm_name)
     load_report: dict[str, Any] = {}
@@ -97,20 +176,28 @@ def train_cell(
         load_report = load_encoder(net, encoder_state, cfg.model, roi)
     if ft.freeze_encoder:
         freeze_encoder(net, prefix)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    # Layer decay applies to a pretrained encoder; the scratch twin trains every layer at `lr`.
+    decay = ft.layer_decay if cell["init"] == "pretrained" else 1.0
+    groups = layer_decay_groups(net, prefix, ft.lr, ft.weight_decay, decay)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=ft.lr, weight_decay=ft.weight_decay)
+    warmup = int(round(ft.warmup_fraction * steps))
+    sched = WarmupCosineSchedule(opt, warmup_steps=warmup, t_total=max(steps, warmup + 1))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    sampler = _crop_sampler(roi, seed)
+    transform = train_transforms(roi, seed, ft.augment)
     rng = np.random.default_rng(seed)
-    train = [cases[i] for i in cell["train_ids"]]
+    val_cases = [cases[i] for i in val_ids]
+    select = ft.select if val_cases else "last"
+    val_every = ft.val_every or max(1, steps // 5)
+    best_score, best_step, best_state, best_val = -float("inf"), steps, None, {}
+    curve: list[tuple[int, float]] = []
     losses = []
     net.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         xs, ys = [], []
         for _ in range(ft.batch_size):
             case = train[int(rng.integers(len(train)))]
-            crop = sampler({"image": case["image"], "label": case["label"]})[0]
+            crop = transform({"image": case["image"], "label": case["label"]})[0]
             xs.append(torch.as_tensor(crop["image"]))
             ys.append(torch.as_tensor(crop["label"]))
         x, y = torch.stack(xs).float(), torch.stack(ys).long()
@@ -121,12 +208,25 @@ def train_cell(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if select == "best_val" and (step % val_every == 0 or step == steps):
+            val, _ = evaluate_cases(net, val_cases, num_classes, roi, cfg)
+            score = _mean_dice(val)
+            curve.append((step, score))
+            if score > best_score:  # ties keep the earlier weights
+                best_score, best_step, best_val = score, step, val
+                best_state = copy.deepcopy(net.state_dict())
+            net.train()
     train_s = time.time() - t0
-    val, _ = evaluate_cases(net, [cases[i] for i in val_ids], num_classes, roi, cfg)
+    if best_state is not None:
+        net.load_state_dict(best_state)
+        val = best_val
+    else:
+        val, _ = evaluate_cases(net, val_cases, num_classes, roi, cfg)
     test, preds = evaluate_cases(net, [cases[i] for i in test_ids], num_classes, roi, cfg, keep=overlay_ids)
     return {
         "key": cell_key(cell), "fraction": float(cell["fraction"]), "seed": seed, "init": cell["init"],
-        "n_train": len(train), "train_ids": list(cell["train_ids"]), "steps": steps,
+        "n_train": len(train), "train_ids": list(cell["train_ids"]), "steps": steps, "best_step": best_step,
+        "select": select, "val_curve": curve,
         "loss_first": losses[0] if losses else float("nan"), "loss_last": float(np.mean(losses[-5:])) if losses else
         float("nan"), "train_seconds": train_s, "seconds": time.time() - t0,
         "test": test, "val": val, "load_report": load_report, "preds": preds,

@@ -7,9 +7,14 @@ this module only one-hot encodes, passes the voxel spacing in mm, and names the 
 Conventions (the ones MONAI and the Medical Segmentation Decathlon use):
 
 - background (class 0) is excluded; classes are reported as ``dice/<name>`` etc.;
-- a class absent from the ground truth of a case gives ``nan`` for that case (it is not
-  counted in the mean) rather than a misleading 0 or 1;
-- a class present in the ground truth but not predicted gives Dice 0, sensitivity 0 and
+- a class absent from the ground truth of a case **and predicted there** is a false positive
+  and is scored as nnU-Net and the MSD evaluation score it: Dice 0, NSD 0, PPV 0; sensitivity
+  and HD95 are undefined (``nan``: no reference voxels, no reference surface).
+  ``spurious/<name>`` counts those cases;
+- a class absent from the ground truth and not predicted is excluded from that case's means
+  (every metric ``nan``: there is nothing to get right or wrong) and counted as
+  ``absent/<name>``, so a table says how many cases a per-class mean is over;
+- a class present in the ground truth but not predicted gives Dice 0, NSD 0, sensitivity 0 and
   ``nan`` for HD95 / PPV (no predicted surface); ``missed/<name>`` counts those cases so a mean
   HD95 over the remaining cases never hides them;
 - means over classes and cases ignore ``nan`` (``nanmean``).
@@ -38,6 +43,9 @@ from monai.metrics import (
 from monai.networks.utils import one_hot
 
 METRICS = ("dice", "nsd", "hd95", "ppv", "sensitivity")
+# Per-class case counts: reference present but nothing predicted; predicted but absent from the
+# reference (scored 0); absent and not predicted (excluded).
+COUNTS = ("missed", "spurious", "absent")
 
 
 def class_names_for(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
@@ -91,21 +99,27 @@ def per_case_metrics(
         "ppv": ppv.double().cpu().numpy(),
         "sensitivity": sens.double().cpu().numpy(),
     }
-    # Classes absent from the ground truth: every metric is undefined for this case.
     gt_present = y1[0, 1:].flatten(1).any(1).cpu().numpy()
     pred_present = p1[0, 1:].flatten(1).any(1).cpu().numpy()
+    spurious = ~gt_present & pred_present  # a false-positive class: predicted, not in the reference
+    absent = ~gt_present & ~pred_present  # nothing to score: excluded from this case
     for key in out:
         out[key] = np.where(gt_present, out[key], np.nan)
+    for key in ("dice", "nsd", "ppv"):
+        out[key] = np.where(spurious, 0.0, out[key])
     # Predicted nothing: surface metrics are undefined (MONAI returns nan or inf); keep nan.
-    out["hd95"] = np.where(pred_present & np.isfinite(out["hd95"]), out["hd95"], np.nan)
+    out["hd95"] = np.where(pred_present & gt_present & np.isfinite(out["hd95"]), out["hd95"], np.nan)
     out["ppv"] = np.where(pred_present, out["ppv"], np.nan)
     out["missed"] = (gt_present & ~pred_present).astype(np.float64)
+    out["spurious"] = spurious.astype(np.float64)
+    out["absent"] = absent.astype(np.float64)
     return out
 
 
 def summarize(cases: Sequence[dict[str, np.ndarray]], class_names: Sequence[str]) -> dict[str, float]:
     """Flat dict over cases: ``<metric>/<class>`` (nanmean over cases), ``<metric>/mean`` (nanmean
-    over classes of those), and ``missed/<class>`` (count of cases with a missed class)."""
+    over classes of those), and the per-class case counts of :data:`COUNTS` (``missed/<class>``,
+    ``spurious/<class>``, ``absent/<class>``)."""
     out: dict[str, float] = {}
     if not cases:
         return out
@@ -115,9 +129,10 @@ def summarize(cases: Sequence[dict[str, np.ndarray]], class_names: Sequence[str]
         for name, value in zip(class_names, per_class):
             out[f"{metric}/{name}"] = float(value)
         out[f"{metric}/mean"] = float(_nanmean(per_class, axis=0))
-    missed = np.stack([c["missed"] for c in cases]).sum(0)
-    for name, value in zip(class_names, missed):
-        out[f"missed/{name}"] = float(value)
+    for count in COUNTS:
+        totals = np.stack([c[count] for c in cases]).sum(0)
+        for name, value in zip(class_names, totals):
+            out[f"{count}/{name}"] = float(value)
     out["num_cases"] = float(len(cases))
     return out
 

@@ -48,11 +48,15 @@ def make_split(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     fixed: Mapping[str, str] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> Split:
     """Deterministic train/val/test split of ``case_ids``.
 
     ``fixed`` maps case ids to "train" / "val" / "test" for cases whose side is given (a
     manifest's ``split`` column, e.g. an official test set); the rest are split at random.
+    ``groups`` maps case ids to a patient (a manifest's ``patient`` column): all cases of one
+    patient land on the same side (a fixed case takes its patient's other cases with it), so two
+    scans of one patient are never on both sides. Cases without a group are their own group.
     With fewer than 3 free cases the test side gets one case and val may be empty.
     """
     ids = sorted(dict.fromkeys(str(c) for c in case_ids))
@@ -62,17 +66,35 @@ def make_split(
     bad = {k: v for k, v in fixed.items() if v not in ("train", "val", "test")}
     if bad:
         raise ValueError(f"split values should be train, val or test, got {bad}")
-    free = [c for c in ids if c not in fixed]
-    order = [free[i] for i in _stable_rng("split", split_seed).permutation(len(free))]
-    n = len(order)
+    groups = {str(k): str(v) for k, v in (groups or {}).items() if v not in (None, "")}
+    members: dict[str, list[str]] = {}
+    for c in ids:
+        members.setdefault(groups.get(c, "case:" + c), []).append(c)
+    side_of: dict[str, str] = {}
+    for group, cs in members.items():
+        sides = {fixed[c] for c in cs if c in fixed}
+        if len(sides) > 1:
+            raise ValueError(f"patient {group!r} has cases fixed to different sides {sorted(sides)}: "
+                             "one patient's cases should share a side")
+        if sides:
+            side_of[group] = sides.pop()
+    free_units = [cs for g, cs in members.items() if g not in side_of]  # in sorted order of first case
+    order = [free_units[i] for i in _stable_rng("split", split_seed).permutation(len(free_units))]
+    n = sum(len(u) for u in order)
     n_test = max(1, round(test_fraction * n)) if n >= 2 and test_fraction > 0 else 0
     n_val = round(val_fraction * n) if n >= 3 else 0
     if n_val and n - n_test - n_val < 1:
         n_val = max(0, n - n_test - 1)
-    test = order[:n_test] + [c for c in ids if fixed.get(c) == "test"]
-    val = order[n_test : n_test + n_val] + [c for c in ids if fixed.get(c) == "val"]
-    train = order[n_test + n_val :] + [c for c in ids if fixed.get(c) == "train"]
-    split = Split(sorted(train), sorted(val), sorted(test), {"split_seed": split_seed})
+    sides: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for unit in order:  # fill test, then val, whole patients at a time; the rest trains
+        side = "test" if len(sides["test"]) < n_test else "val" if len(sides["val"]) < n_val else "train"
+        if side != "train" and len(order) > 1 and not sides["train"] and unit is order[-1]:
+            side = "train"  # keep at least one patient for training
+        sides[side] += unit
+    for group, side in side_of.items():
+        sides[side] += members[group]
+    split = Split(sorted(sides["train"]), sorted(sides["val"]), sorted(sides["test"]),
+                  {"split_seed": split_seed, **({"grouped_by": "patient"} if groups else {})})
     split.check_disjoint()
     if not split.train or not split.test:
         raise ValueError(

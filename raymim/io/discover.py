@@ -102,6 +102,11 @@ def _from_rows(rows: list[dict[str, Any]], root: Path, default_domain: str) -> l
         rec = _record(i, image, root, report=row.get("report") or None, domain=str(domain),
                       label=str(label) if label else None, error=err or (lerr and f"label: {lerr}"))
         rec["rel"] = str(raw)
+        # Downstream only (splits): the side a case is fixed to, and the patient that groups cases.
+        # Neither is written into prepared shards.
+        rec["split"] = str(row["split"]).strip().lower() if row.get("split") else None
+        patient = row.get("patient") or row.get("patient_id")
+        rec["patient"] = str(patient).strip() if patient not in (None, "") else None
         cases.append(rec)
     return cases
 

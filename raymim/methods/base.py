@@ -64,6 +64,19 @@ class PretrainMethod(nn.Module):
         """
         return x[0].detach().float()
 
+    @staticmethod
+    def probe_generator(seed: int) -> torch.Generator:
+        """A CPU generator for the probe's fixed mask / views (the same for every trial)."""
+        return torch.Generator().manual_seed(int(seed))
+
+    def probe_loss(self, images: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor | None:
+        """A score of the current weights on held-out ``images`` [N, C, D, H, W] that does not
+        depend on this method's own hyperparameters (mask ratio, schedule, selection, loss
+        weights, temperature), so trials of a sweep can be compared on it: the reconstruction
+        methods return the pixel-space MSE on the tokens of a fixed random mask at ``ratio``
+        drawn from ``seed``. ``None``: this method has no such probe."""
+        return None
+
     def forward(self, batch: dict[str, Any]) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -138,6 +138,22 @@ class HSSL(MAE):
         return MethodOutput(loss, metrics, visuals)
 
     @torch.no_grad()
+    def probe_loss(self, images: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor | None:
+        """With a reconstruction term (``rec_weight > 0``): MAE's probe. Without one (SimCLR, or
+        HSSL with ``rec_weight=0``, whose decoder never learns to reconstruct): NT-Xent at a fixed
+        temperature of 0.2 between two fixed augmented views under the probe's fixed mask."""
+        if self.config.method.rec_weight > 0:
+            return super().probe_loss(images, ratio, seed)
+        imgs = self.fit_input(images)
+        n = imgs.shape[0]
+        g = self.probe_generator(seed)
+        views = torch.cat([augment_view(imgs.cpu(), g), augment_view(imgs.cpu(), g)]).to(imgs.device)
+        tm = self.probe_mask(2 * n, ratio, seed, imgs.device)
+        _, feats = self.forward_decoder(self.forward_encoder(views, tm), tm.ids_restore)
+        proj = self.proj(feats.mean(dim=1)).float()
+        return nt_xent(proj[:n], proj[n:], 0.2)
+
+    @torch.no_grad()
     def predict_domain(self, image: torch.Tensor) -> list[str]:
         """Domain names predicted from the unmasked encoder (evaluation of the domain head)."""
         logits = self.domain_head(self.pool(self.encoder.forward_tokens(self.fit_input(image))))

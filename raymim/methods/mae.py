@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from raymim.config import RaymimConfig
-from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, unpatchify
+from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import denormalize_patches, masked_recon_loss, patch_targets
 from raymim.models.heads import MAEDecoder
@@ -85,6 +85,22 @@ class MAE(PretrainMethod):
             "masked": self.panel(imgs * (1.0 - vox)),
             "recon": self.panel(recon * vox + imgs * (1.0 - vox)),
         }
+
+    def probe_mask(self, batch: int, ratio: float, seed: int, device: torch.device) -> TokenMask:
+        """The probe's fixed token-wise random mask (drawn on the CPU, then moved)."""
+        tm = random_masking(batch, self.encoder.num_tokens, ratio, generator=self.probe_generator(seed))
+        return TokenMask(*(t.to(device) for t in tm))
+
+    @torch.no_grad()
+    def probe_loss(self, images: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor | None:
+        """Pixel-space MSE of the masked patches under a fixed random mask (predictions of a
+        ``norm_pix_loss`` model are de-normalised first, so both settings are scored alike)."""
+        imgs = self.fit_input(images)
+        tm = self.probe_mask(imgs.shape[0], ratio, seed, imgs.device)
+        pred, _ = self.forward_decoder(self.forward_encoder(imgs, tm), tm.ids_restore)
+        if self.config.method.norm_pix_loss:
+            pred = denormalize_patches(pred, imgs, self.patch)
+        return masked_recon_loss(pred.float(), patch_targets(imgs, self.patch), tm.mask, "mse")
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         imgs = self.fit_input(batch["image"])

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from raymim.config import RaymimConfig
-from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, patchify, unpatchify
+from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, patchify, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import denormalize_patches, masked_recon_loss, patch_targets
 from raymim.models.heads import LinearHead, PixelShuffleHead
@@ -82,6 +82,17 @@ class SimMIM(PretrainMethod):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = patch_targets(imgs, self.patch, self.config.method.norm_pix_loss)
         return masked_recon_loss(pred, target, mask, self.loss_kind)
+
+    @torch.no_grad()
+    def probe_loss(self, images: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor | None:
+        """Pixel-space MSE of the masked patches under a fixed token-wise random mask."""
+        imgs = self.fit_input(images)
+        tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        mask = random_masking(imgs.shape[0], tokens, ratio, generator=self.probe_generator(seed)).mask.to(imgs.device)
+        pred = self.forward_decoder(self.forward_encoder(imgs, mask))
+        if self.config.method.norm_pix_loss:
+            pred = denormalize_patches(pred, imgs, self.patch)
+        return masked_recon_loss(pred.float(), patch_targets(imgs, self.patch), mask, "mse")
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         imgs = self.fit_input(batch["image"])

@@ -169,6 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         np.random.seed(tc.seed + rank)
         torch.manual_seed(tc.seed + rank)  # different augmentations / masks per rank
 
+    probe = None
+    if config.get("probe") is not None and rank == 0:
+        probe = torch.as_tensor(ray.get(config["probe"])).float().unsqueeze(1)  # [N, 1, D, H, W] on the host
     log = RankZeroLogger(rank, config.get("mlflow_uri"), config.get("mlflow_run_id"), cfg, config.get("best_dir"))
     if not restored:
         log.note_start()
@@ -251,8 +254,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 interval_loss, interval_n = 0.0, 0
                 is_best = score < best
                 best = min(best, score)
+                extra = {}
+                if probe is not None:
+                    extra["probe_loss"] = probe_score(method, probe, cfg, device)
+                    log.metrics(extra, step)
                 _save_and_report(method, opt, sched, scaler, cfg, step, epoch, consumed, best, score,
-                                 is_best, rank, world, log)
+                                 is_best, rank, world, log, extra, config.get("data"))
             if step >= tc.steps:
                 break
             t_ready = time.perf_counter()
@@ -278,12 +285,34 @@ def _gather_rng(world: int) -> list[dict[str, Any]]:
     return states
 
 
+def probe_score(method, probe: torch.Tensor, cfg: RaymimConfig, device: torch.device) -> float:
+    """The method's :meth:`~raymim.methods.base.PretrainMethod.probe_loss` on the held-out probe
+    crops (in chunks of ``train.batch_size``, fp32, eval mode), averaged over crops."""
+    tc = cfg.train
+    was_training = method.training
+    method.eval()
+    total, n = 0.0, 0
+    try:
+        for i in range(0, probe.shape[0], tc.batch_size):
+            chunk = probe[i : i + tc.batch_size].to(device)
+            value = method.probe_loss(chunk, tc.probe_ratio, seed=tc.seed + i)
+            if value is None:
+                raise ValueError(f"method {cfg.method.name!r} has no probe; set train.probe_crops=0 "
+                                 "(and tune.scheduler=none)")
+            total += float(value) * chunk.shape[0]
+            n += chunk.shape[0]
+    finally:
+        method.train(was_training)
+    return total / max(n, 1)
+
+
 def _save_and_report(method, opt, sched, scaler, cfg: RaymimConfig, step: int, epoch: int, consumed: int,
-                     best: float, score: float, is_best: bool, rank: int, world: int, log) -> None:
+                     best: float, score: float, is_best: bool, rank: int, world: int, log,
+                     extra: dict[str, float] | None = None, data: str | None = None) -> None:
     import ray.train
 
     rngs = _gather_rng(world)
-    metrics = {"step": step, "epoch": epoch, "loss": score, "best_loss": best}
+    metrics = {"step": step, "epoch": epoch, "loss": score, "best_loss": best, **(extra or {})}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -301,7 +330,7 @@ def _save_and_report(method, opt, sched, scaler, cfg: RaymimConfig, step: int, e
     }
     meta = {"step": step, "epoch": epoch, "loss": score, "best_loss": best, "is_best": is_best,
             "method": cfg.method.name, "backbone": cfg.model.backbone,
-            "config_hash": ckpt.model_config_hash(cfg)}
+            "config_hash": ckpt.model_config_hash(cfg), "data": data, **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.write_checkpoint(tmp, state=state, encoder_state=method.encoder.state_dict(), cfg=cfg, meta=meta)
         if is_best:

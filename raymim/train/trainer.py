@@ -9,11 +9,14 @@ MLflow run with the same name is continued rather than duplicated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from raymim.config import RaymimConfig, flatten, to_dict
 from raymim.train.checkpoint import META_FILE, CheckpointMismatchError, model_config_hash
@@ -114,11 +117,43 @@ def epochs_per_pass(rows: int | None, cfg: RaymimConfig) -> int:
     return max(1, min(needed, PASS_BATCHES // per_epoch, MAX_REPEAT))
 
 
-def build_dataset(data: str, cfg: RaymimConfig):
+def probe_cases(counts: dict[str, int], crops: int, seed: int) -> list[str]:
+    """Whole cases held out of pretraining for the probe: in an order fixed by a hash of
+    (seed, case id), enough cases for ``crops`` crops, never more than half of the cases."""
+    order = sorted(counts, key=lambda c: hashlib.sha256(f"probe/{seed}/{c}".encode()).hexdigest())
+    held, n = [], 0
+    for cid in order:
+        if n >= crops or len(held) + 1 > len(order) // 2:
+            break
+        held.append(cid)
+        n += counts[cid]
+    return held
+
+
+def build_probe(data: str, cfg: RaymimConfig) -> tuple[np.ndarray | None, list[str]]:
+    """``(probe crops [N, D, H, W] float32, held-out case ids)`` for ``train.probe_crops`` > 0;
+    ``(None, [])`` when the probe is off. Needs prepared shards with at least 2 cases."""
+    tc = cfg.train
+    if not tc.probe_crops:
+        return None, []
+    if not (Path(data) / "manifest.json").is_file():
+        raise ValueError("train.probe_crops needs prepared shards (raymim prepare), not raw scans: "
+                         f"{data!r} has no manifest.json; set train.probe_crops=0 (and tune.scheduler=none)")
+    from raymim.data.shards import case_crop_counts, read_case_images
+
+    counts = case_crop_counts(data)
+    held = probe_cases(counts, tc.probe_crops, tc.seed)
+    if not held:
+        raise ValueError(f"train.probe_crops={tc.probe_crops} holds whole cases out of pretraining, but "
+                         f"{data!r} has {len(counts)} case(s); prepare at least 2 or set train.probe_crops=0")
+    return read_case_images(data, held, limit=tc.probe_crops), held
+
+
+def build_dataset(data: str, cfg: RaymimConfig, exclude: list[str] | None = None):
     """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans (a folder,
     glob or manifest) run through the same preparation pipeline without writing shards. Only the
-    image and the optional columns a method may use are kept; shards are repeated
-    :func:`epochs_per_pass` times per pass."""
+    image and the optional columns a method may use are kept; the cases in ``exclude`` (the
+    probe's) are left out; shards are repeated :func:`epochs_per_pass` times per pass."""
     path = Path(data)
     rows = None
     if (path / "manifest.json").is_file():
@@ -126,6 +161,14 @@ def build_dataset(data: str, cfg: RaymimConfig):
 
         ds = read_shards(str(path))
         rows = json.loads((path / "manifest.json").read_text()).get("counts", {}).get("crops")
+        if exclude:
+            from ray.data.expressions import col
+
+            from raymim.data.shards import case_crop_counts
+
+            counts = case_crop_counts(str(path))
+            ds = ds.filter(expr=col("case_id").not_in(list(exclude)))
+            rows = sum(n for c, n in counts.items() if c not in set(exclude))
     else:
         from raymim.data.pipeline import crop_dataset
 
@@ -134,6 +177,11 @@ def build_dataset(data: str, cfg: RaymimConfig):
     ds = ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
     repeat = epochs_per_pass(rows, cfg)
     return (ds.union(*([ds] * (repeat - 1))) if repeat > 1 else ds), repeat
+
+
+def _local_path(data: str) -> str:
+    """``data`` as an absolute path (kept as given when it is a URI or a glob)."""
+    return data if "://" in data or any(ch in data for ch in "*?[") else str(Path(data).resolve())
 
 
 def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | None = None) -> tuple[str, str]:
@@ -153,6 +201,7 @@ def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | No
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "raymim.resumed", "true")
     log_params_flat(client, run_id, {**flatten(cfg), "data": Path(data).name})
+    client.set_tag(run_id, "raymim.data_path", _local_path(data))  # the overlap check of raymim finetune
     return uri, run_id
 
 
@@ -190,7 +239,10 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
     tc = cfg.train
-    dataset, repeat = build_dataset(data, cfg)
+    probe, held = build_probe(data, cfg)
+    if held:
+        print(f"[raymim] probe: {len(probe)} crops of {len(held)} case(s) held out of pretraining", flush=True)
+    dataset, repeat = build_dataset(data, cfg, exclude=held)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
@@ -199,7 +251,8 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
                            "best_dir": f"{storage.rstrip('/')}/{name}/best",
                            "run_dir": None if "://" in storage else f"{storage}/{name}",
-                           "epochs_per_pass": repeat},
+                           "epochs_per_pass": repeat, "data": _local_path(data),
+                           "probe": None if probe is None else ray.put(probe)},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

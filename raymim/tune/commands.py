@@ -41,7 +41,9 @@ def run_tune(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={row[k]}" for k in cfg.tune.space)
         print(f"  {row['trial']}: {params} -> {OBJECTIVE}={row[OBJECTIVE]} ({row['status']})")
     if res.best:
-        print(f"best: {res.best['trial']} {OBJECTIVE}={res.best[OBJECTIVE]:.4f} "
+        test = res.best.get("test_dice")
+        print(f"best: {res.best['trial']} {OBJECTIVE}={res.best[OBJECTIVE]:.4f}"
+              + (f", test Dice {test:.4f} (scored once, after selection)" if test is not None else "") + " "
               f"(MLflow run {res.best['mlflow_run_id']}, encoder: runs:/{res.parent_run_id}/best_encoder)")
     print(f"MLflow parent run {res.parent_run_id} at {res.tracking_uri}; Tune results at {res.path}")
     return 0

@@ -1,10 +1,25 @@
-"""Ray Tune sweeps over pretraining configs, scored by a quick downstream fine-tune.
+"""Ray Tune sweeps over pretraining configs, selected on validation Dice of a quick fine-tune.
 
 The Ray 2.60 pattern (DESIGN.md): each trial is a function trainable that runs a full Ray Train
 pretraining (:func:`raymim.train.trainer.pretrain`, whose ``TorchTrainer`` gets a
-``TuneReportCallback`` so every checkpoint report reaches Tune with its ``step`` for ASHA), then
-fine-tunes a segmentation network on a fixed validation split with the trial's encoder and
-reports ``dice`` — the sweep's objective. The pretraining loss drives early stopping only.
+``TuneReportCallback`` so every checkpoint report reaches Tune with its ``step``), then
+fine-tunes a segmentation network with the trial's encoder and reports ``val_dice`` (mean Dice
+on the labelled set's **validation** cases) -- the sweep's objective. Only the selected trial is
+scored on the test cases, once, after the sweep (``test/...`` on its run and ``best_test/...``
+on the sweep's run). A labelled set without validation cases is refused before any trial starts.
+
+Early stopping (ASHA) compares trials on ``probe_loss``, not on the training loss: the training
+loss of two trials is not comparable when they differ in the mask ratio, alpha (an added
+InfoNCE term), the level count (more terms), or MPS selection (masks the hardest patches on
+purpose). The probe (``train.probe_crops``, turned on with 4 crops for an ASHA sweep) holds whole
+cases out of pretraining and scores each checkpoint with a fixed random mask at one reference
+ratio (``train.probe_ratio``): see :meth:`raymim.methods.base.PretrainMethod.probe_loss`.
+
+Grid dimensions are expanded here, not by Tune, so that grid points that differ only in
+parameters the trial ignores (``mask_ratio_end`` under a constant schedule, ``mps_clusters``
+without MPS, ...: :func:`raymim.config.ignored_method_fields`) run once; the collapsed points
+are printed and recorded on the sweep's run. Sampled dimensions (``choice``, ``uniform``, ...)
+stay Tune domains.
 
 MLflow: the sweep is a parent run; each trial's pretraining run is its child (named after the
 Tune trial, so a restored trial continues its run) and receives the trial's downstream scores.
@@ -14,6 +29,7 @@ swept parameter, and the best trial's encoder under ``best_encoder/``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -24,8 +40,11 @@ from typing import Any
 
 from raymim.config import RaymimConfig, config_from_dict, flatten, to_dict, unflatten
 from raymim.train.tracking import find_run, log_params_flat, resolve_tracking_uri, setup_experiment
+from raymim.tune.report import OBJECTIVE  # validation Dice of the quick fine-tune
 
-OBJECTIVE = "dice"
+PROBE = "probe_loss"
+GRID_KEY = "_grid"  # one Tune grid dimension holding the collapsed grid points
+PROBE_CROPS_FOR_ASHA = 4
 
 
 @dataclass
@@ -59,8 +78,56 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RaymimConfig:
     return config_from_dict(_deep_merge(base, unflatten(params)))
 
 
+def experiment_key(cfg: RaymimConfig) -> str:
+    """What a trial actually trains: every section but ``name`` / ``tune``, with the method's
+    ignored fields dropped. Two trials with one key are the same experiment."""
+    from raymim.config import effective_method
+
+    tree = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "tune")}
+    tree["method"] = effective_method(cfg.method)
+    return json.dumps(tree, sort_keys=True, default=str)
+
+
+def collapse_grid(base: dict[str, Any], space: dict[str, dict[str, list[Any]]]
+                  ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """``(kept grid points, [(dropped point, the kept point it duplicates), ...])`` over the
+    cartesian product of the ``grid`` dimensions of ``space`` (in Tune's enumeration order)."""
+    keys = [k for k, spec in space.items() if "grid" in spec]
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(space[k]["grid"] for k in keys))]
+    kept: dict[str, dict[str, Any]] = {}
+    dropped = []
+    for point in points:
+        key = experiment_key(trial_config(base, point))
+        if key in kept:
+            dropped.append((point, kept[key]))
+        else:
+            kept[key] = point
+    return list(kept.values()), dropped
+
+
+def sweep_space(cfg: RaymimConfig) -> tuple[dict[str, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """Tune's ``param_space`` (without ``_ctx``) and the collapsed duplicate grid points."""
+    from ray import tune
+
+    space = cfg.tune.space
+    sampled = {k: v for k, v in space.items() if "grid" not in v}
+    out = param_space(sampled)
+    if len(sampled) == len(space):
+        return out, []
+    kept, dropped = collapse_grid(to_dict(cfg), space)
+    out[GRID_KEY] = tune.grid_search(kept)
+    return out, dropped
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's swept dotted-key params (its grid point merged in), without the sweep context."""
+    out = {k: v for k, v in config.items() if k not in ("_ctx", GRID_KEY)}
+    out.update(config.get(GRID_KEY) or {})
+    return out
+
+
 def run_trial(params: dict[str, Any]) -> None:
-    """The function trainable. ``params``: dotted config keys plus ``_ctx`` (fixed sweep settings)."""
+    """The function trainable. ``params``: dotted config keys, the grid point, ``_ctx`` (fixed sweep settings)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -68,7 +135,7 @@ def run_trial(params: dict[str, Any]) -> None:
     from raymim.train.trainer import pretrain
 
     ctx = params["_ctx"]
-    swept = {k: v for k, v in params.items() if k != "_ctx"}
+    swept = trial_params(params)
     cfg = trial_config(ctx["base"], swept)
     trial = ray.tune.get_context().get_trial_name()
     res = pretrain(cfg, ctx["data"], name=trial, storage=ctx["storage"],
@@ -76,14 +143,24 @@ def run_trial(params: dict[str, Any]) -> None:
     encoder_state, _ = load_pretrained(res.checkpoint_path)
     scores = _objective(encoder_state, cfg, ctx)
     _log_trial(res.tracking_uri, res.mlflow_run_id, swept, scores)
-    ray.tune.report({OBJECTIVE: scores["dice/mean"], "step": cfg.train.steps, "loss": res.final_loss,
-                     "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": res.checkpoint_path})
+    final = {OBJECTIVE: scores["val/dice/mean"], "step": cfg.train.steps, "loss": res.final_loss,
+             "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": res.checkpoint_path}
+    probe = _checkpoint_probe(res.checkpoint_path)
+    if probe is not None:
+        final[PROBE] = probe
+    ray.tune.report(final)
 
 
-def _objective(encoder_state, cfg: RaymimConfig, ctx: dict[str, Any]) -> dict[str, float]:
+def _checkpoint_probe(path: str | None) -> float | None:
+    meta = Path(path or "") / "meta.json"
+    return json.loads(meta.read_text()).get(PROBE) if path and meta.is_file() else None
+
+
+def _objective(encoder_state, cfg: RaymimConfig, ctx: dict[str, Any], score_test: bool = False) -> dict[str, float]:
     from raymim.downstream.evaluate import quick_finetune
 
-    return quick_finetune(encoder_state, cfg, ctx["labelled"], steps=ctx["finetune_steps"], seed=ctx["seed"])
+    return quick_finetune(encoder_state, cfg, ctx["labelled"], steps=ctx["finetune_steps"], seed=ctx["seed"],
+                          score_test=score_test)
 
 
 def _log_trial(uri: str, run_id: str, swept: dict[str, Any], scores: dict[str, float]) -> None:
@@ -103,6 +180,29 @@ def _is_number(v: Any) -> bool:
         return v == v and float(v) is not None  # NaN is not logged
     except (TypeError, ValueError):
         return False
+
+
+def check_labelled(cfg: RaymimConfig, labelled: str) -> None:
+    """Refuse a sweep whose labelled set has no validation cases (its objective would be test
+    Dice). Reads the manifest only: the same records, sides and patients the trials will split."""
+    from raymim.downstream.data import case_id
+    from raymim.downstream.splits import make_split
+    from raymim.io.discover import discover_cases
+
+    ft = cfg.finetune
+    records = [r for r in discover_cases(labelled) if r.get("label") and not r.get("error")]
+    if not records:
+        raise ValueError(f"no labelled cases in {labelled!r} (a manifest needs a 'label' column)")
+    ids = [case_id(r) for r in records]
+    fixed = {case_id(r): r["split"] for r in records if r.get("split")}
+    groups = {case_id(r): r["patient"] for r in records if r.get("patient")}
+    split = make_split(ids, ft.split_seed, ft.val_fraction, ft.test_fraction, fixed, groups)
+    if not split.val:
+        raise ValueError(
+            f"the sweep's objective is validation Dice, but {labelled!r} gives no validation case "
+            f"({len(ids)} labelled cases, finetune.val_fraction={ft.val_fraction}); add cases, raise "
+            "finetune.val_fraction, or mark cases split=val in the manifest"
+        )
 
 
 def _search_alg(cfg: RaymimConfig):
@@ -126,7 +226,7 @@ def _scheduler(cfg: RaymimConfig):
 
     # max_t one past the last training step: ASHA stops a trial that reaches max_t, and the trial
     # still has its downstream fine-tune to run and report after the final pretraining report.
-    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=cfg.train.steps + 1,
+    return ASHAScheduler(time_attr="step", metric=PROBE, mode="min", max_t=cfg.train.steps + 1,
                          grace_period=min(cfg.tune.grace_period, cfg.train.steps),
                          reduction_factor=cfg.tune.reduction_factor)
 
@@ -160,16 +260,30 @@ def sweep(cfg: RaymimConfig, data: str, labelled: str | None = None, name: str |
         raise ValueError("a sweep needs labelled data for its objective: pass --labelled or set tune.labelled")
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: nothing to sweep")
+    check_labelled(cfg, labelled)
+    if cfg.tune.scheduler == "asha" and not cfg.train.probe_crops:
+        cfg = trial_config(to_dict(cfg), {"train.probe_crops": PROBE_CROPS_FOR_ASHA})
+        print(f"[raymim] ASHA stops trials on {PROBE}: holding {PROBE_CROPS_FOR_ASHA} probe crops out of "
+              "pretraining (train.probe_crops)", flush=True)
     name = name or f"{cfg.name}-sweep"
     storage = storage or default_storage()
+    tune_space, dropped = sweep_space(cfg)
+    for point, same in dropped:
+        print(f"[raymim] skipping grid point {point}: the same experiment as {same} (differs only in "
+              "parameters that setting ignores)", flush=True)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     uri, parent = _parent_run(cfg, name)
+    if dropped:
+        import mlflow
+
+        mlflow.MlflowClient(uri).set_tag(parent, "raymim.collapsed_grid_points", json.dumps(
+            [{"point": pt, "same_as": same} for pt, same in dropped], default=str)[:5000])
     base = to_dict(cfg)
     ctx = {"base": base, "data": str(Path(data).resolve()), "labelled": str(Path(labelled).resolve()),
            "storage": str(Path(storage) / f"{name}-trials") if "://" not in storage else f"{storage}/{name}-trials",
            "parent_run_id": parent, "finetune_steps": cfg.tune.finetune_steps, "seed": cfg.tune.seed}
-    space = {**param_space(cfg.tune.space), "_ctx": ctx}
+    space = {**tune_space, "_ctx": ctx}
     trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.trial_cpus})
     exp_path = f"{storage.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(exp_path):
@@ -190,19 +304,46 @@ def sweep(cfg: RaymimConfig, data: str, labelled: str | None = None, name: str |
     grid = tuner.fit()
     table = _table(grid, list(cfg.tune.space))
     best = table[0] if table and table[0].get(OBJECTIVE) is not None else None
+    if best is not None:
+        best.update(_score_selected(best, ctx, uri, parent))
     _finish_parent(uri, parent, table, list(cfg.tune.space), best)
     return SweepResult(name, exp_path, parent, uri, table, best)
+
+
+def _score_selected(best: dict[str, Any], ctx: dict[str, Any], uri: str, parent: str) -> dict[str, Any]:
+    """The selected trial's test scores (the only test evaluation of a sweep): the same quick
+    fine-tune as its objective, now also scored on the test cases; logged as ``test/...`` on the
+    trial's run and ``best_test/...`` on the sweep's run. Returns ``{"test_dice": ...}``."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from raymim.train.checkpoint import load_pretrained
+
+    if not best.get("checkpoint_path"):
+        return {}
+    encoder_state, _ = load_pretrained(best["checkpoint_path"])
+    cfg = trial_config(ctx["base"], best["params"])
+    scores = _objective(encoder_state, cfg, ctx, score_test=True)
+    ts = int(time.time() * 1000)
+    test = {k: float(v) for k, v in scores.items() if k.startswith("test/") and _is_number(v)}
+    client = mlflow.MlflowClient(uri)
+    if best.get("mlflow_run_id"):
+        client.log_batch(best["mlflow_run_id"], metrics=[Metric(k, v, ts, 0) for k, v in test.items()])
+    client.log_batch(parent, metrics=[Metric(f"best_{k}", v, ts, 0) for k, v in test.items()])
+    return {"test_dice": test.get("test/dice/mean")}
 
 
 def _table(grid, keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         m = result.metrics or {}
+        params = trial_params(result.config or {})
         row = {"trial": result.path.rstrip("/").split("/")[-1] if result.path else "?",
-               **{k: result.config.get(k) for k in keys},
-               OBJECTIVE: m.get(OBJECTIVE), "loss": m.get("loss"), "step": m.get("step"),
+               **{k: params.get(k) for k in keys},
+               OBJECTIVE: m.get(OBJECTIVE), PROBE: m.get(PROBE), "loss": m.get("loss"), "step": m.get("step"),
                "status": "error" if result.error else ("complete" if OBJECTIVE in m else "stopped early"),
-               "mlflow_run_id": m.get("mlflow_run_id"), "checkpoint_path": m.get("checkpoint_path")}
+               "mlflow_run_id": m.get("mlflow_run_id"), "checkpoint_path": m.get("checkpoint_path"),
+               "params": params}
         rows.append(row)
     return sorted(rows, key=lambda r: (r[OBJECTIVE] is None, -(r[OBJECTIVE] or 0.0)))
 

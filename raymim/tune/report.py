@@ -6,11 +6,13 @@ import csv
 from pathlib import Path
 from typing import Any
 
-COLUMNS_TAIL = ("dice", "loss", "step", "status", "trial", "mlflow_run_id")
+OBJECTIVE = "val_dice"  # raymim.tune.driver.OBJECTIVE
+COLUMNS_TAIL = (OBJECTIVE, "test_dice", "probe_loss", "loss", "step", "status", "trial", "mlflow_run_id")
+HIDDEN = ("checkpoint_path", "params")
 
 
 def _columns(table: list[dict[str, Any]]) -> list[str]:
-    keys = [k for k in (table[0] if table else {}) if k not in COLUMNS_TAIL and k != "checkpoint_path"]
+    keys = [k for k in (table[0] if table else {}) if k not in COLUMNS_TAIL and k not in HIDDEN]
     return keys + [c for c in COLUMNS_TAIL if not table or c in table[0]]
 
 
@@ -31,7 +33,9 @@ def table_markdown(table: list[dict[str, Any]], keys: list[str]) -> str:
     cols = _columns(table)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in table]
-    return "Trials sorted by the objective (quick fine-tune Dice), best first.\n\n" + "\n".join(lines) + "\n"
+    return ("Trials sorted by the objective (quick fine-tune Dice on the validation cases), best first; "
+            "test_dice is computed for the selected trial only. probe_loss: the held-out reconstruction "
+            "probe ASHA compares.\n\n" + "\n".join(lines) + "\n")
 
 
 def plot_objective(table: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
@@ -42,14 +46,14 @@ def plot_objective(table: list[dict[str, Any]], keys: list[str], path: Path) -> 
 
     n = max(1, len(keys))
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
-    done = [r for r in table if r.get("dice") is not None]
+    done = [r for r in table if r.get(OBJECTIVE) is not None]
     for ax, key in zip(axes[0], keys or ["(none)"]):
         xs = [r.get(key) for r in done]
         numeric = all(isinstance(x, int | float) for x in xs)
         labels = xs if numeric else [str(x) for x in xs]
-        ax.scatter(labels, [r["dice"] for r in done])
+        ax.scatter(labels, [r[OBJECTIVE] for r in done])
         ax.set_xlabel(key, fontsize=8)
-        ax.set_ylabel("quick fine-tune Dice", fontsize=8)
+        ax.set_ylabel("validation Dice (quick fine-tune)", fontsize=8)
         if numeric and xs and min(xs) > 0 and max(xs) / min(xs) > 50:
             ax.set_xscale("log")
     fig.tight_layout()

@@ -10,6 +10,7 @@ from downstream_fixtures import FT, TINY_VIT
 from raymim.cli import main
 from raymim.config import config_from_dict
 from raymim.downstream.evaluate import quick_finetune, run_finetune
+from raymim.downstream.loop import finetune_budget, layer_decay_groups, train_cell, train_transforms
 from raymim.downstream.networks import build_segmentation_network, freeze_encoder, load_encoder
 from raymim.export.converters import EncoderKeyError
 from raymim.train.checkpoint import load_pretrained
@@ -36,20 +37,86 @@ def test_cli_finetune_pairs_logged(phantoms, vit_ckpt, mlflow_uri, tmp_path):
     assert inits == [("0.5", "pretrained"), ("0.5", "scratch"), ("1.0", "pretrained"), ("1.0", "scratch")]
     assert all("test.dice.mean" in c.data.metrics for c in children)
     assert "f1.pretrained.dice_gain_vs_scratch" in parent.data.metrics
+    assert all(c.data.params["steps"] == "2" for c in children)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "dice_vs_fraction.png", "overlays"} <= arts
     md = (out / "results.md").read_text()
     assert "| 0.5 | pretrained | 2 |" in md and "scratch" in md
 
 
-def test_quick_finetune_api(phantoms, vit_ckpt):
+def test_quick_finetune_scores_validation_only_unless_asked(phantoms, vit_ckpt):
     state, pcfg = load_pretrained(vit_ckpt)
     cfg = config_from_dict({"model": TINY_VIT, "finetune": {**FT, "fractions": [1.0]}})
     m = quick_finetune(state, cfg, str(phantoms), steps=2, with_scratch=True)
-    for key in ("dice/mean", "nsd/mean", "hd95/mean", "ppv/mean", "sensitivity/mean", "dice/liver",
-                "val/dice/mean", "scratch/dice/mean", "dice_gain_vs_scratch"):
+    for key in ("val/dice/mean", "val/nsd/mean", "val/hd95/mean", "val/ppv/mean", "val/sensitivity/mean",
+                "val/dice/liver", "scratch/val/dice/mean", "val_dice_gain_vs_scratch"):
         assert key in m, key
-    assert 0.0 <= m["dice/mean"] <= 1.0
+    assert not [k for k in m if k.startswith(("test/", "dice/", "scratch/test/"))], "test cases were scored"
+    assert 0.0 <= m["val/dice/mean"] <= 1.0
+    t = quick_finetune(state, cfg, str(phantoms), steps=2, score_test=True)
+    assert "test/dice/mean" in t and t["val/dice/mean"] == pytest.approx(m["val/dice/mean"])
+    no_val = config_from_dict({"model": TINY_VIT, "finetune": {**FT, "fractions": [1.0], "val_fraction": 0.0}})
+    with pytest.raises(ValueError, match="no validation cases"):
+        quick_finetune(state, no_val, str(phantoms), steps=2)
+
+
+def test_budget_scales_with_training_cases_up_to_a_cap():
+    cfg = config_from_dict({"finetune": {"steps_per_case": 30, "min_steps": 50, "max_steps": 400}})
+    assert [finetune_budget(n, cfg) for n in (1, 5, 10, 100)] == [50, 150, 300, 400]
+    assert finetune_budget(100, config_from_dict({"finetune": {"steps": 7}})) == 7  # a fixed budget wins
+    assert finetune_budget(3, cfg, steps=9) == 9
+
+
+def test_cell_keeps_the_best_validation_weights(phantoms, vit_ckpt):
+    """Validation every N steps; the returned model is the best-scoring one, and only it is tested."""
+    from raymim.downstream.data import load_labelled_cases
+    from raymim.downstream.evaluate import split_cases
+
+    state, _ = load_pretrained(vit_ckpt)
+    cfg = config_from_dict({"model": TINY_VIT, "finetune": {**FT, "steps": 6, "val_every": 2, "lr": 3e-3}})
+    cases, fixed = load_labelled_cases(str(phantoms), cfg.prepare, cfg.finetune.classes, (32, 32, 32))
+    split = split_cases(cases, fixed, cfg)
+    by_id = {c["id"]: c for c in cases}
+    cell = {"fraction": 1.0, "seed": 0, "init": "pretrained", "train_ids": split.train}
+    res = train_cell(cell, by_id, state, cfg, 4, None, split.val, split.test)
+    assert [s for s, _ in res["val_curve"]] == [2, 4, 6] and res["steps"] == 6
+    best_step, best = max(res["val_curve"], key=lambda t: t[1])
+    assert res["best_step"] == best_step and res["val"]["dice/mean"] == pytest.approx(best)
+    assert res["test"]["num_cases"] == len(split.test)
+    last = train_cell(cell, by_id, state, config_from_dict({"model": TINY_VIT, "finetune": {
+        **FT, "steps": 6, "select": "last"}}), 4, None, split.val, split.test)
+    assert last["best_step"] == 6 and last["val_curve"] == []
+
+
+def test_train_transforms_keep_image_and_label_aligned():
+    """Flips / rotations move image and label together; intensity changes touch the image only."""
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, 3:11, 5:9, 2:20] = 1  # an asymmetric box, so any unpaired flip or rotation shows
+    image = label.float() * 0.5 + 0.25
+    crops = set()
+    for seed in range(12):
+        out = train_transforms((16, 16, 16), seed, augment=True)({"image": image, "label": label})[0]
+        img, lab = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+        if lab.any() and (lab == 0).any():
+            assert img[lab > 0].min() > img[lab == 0].max(), f"seed {seed}: image and label moved apart"
+        crops.add(tuple(lab.flatten().tolist()))
+    assert len(crops) > 3
+
+
+def test_layer_decay_groups(vit_ckpt):
+    state, pcfg = load_pretrained(vit_ckpt)
+    net, prefix = build_segmentation_network(pcfg.model, 4, (32, 32, 32), state, feature_size=8, norm_name="batch")
+    groups = layer_decay_groups(net, prefix, lr=1.0, weight_decay=0.1, decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(net.named_parameters())
+    # 2 blocks: embedding layer 0, blocks 1 and 2, everything else layer 3 at the full LR.
+    assert lr_of[id(named["vit.patch_embedding.patch_embeddings.weight"])] == pytest.approx(0.125)
+    assert lr_of[id(named["vit.blocks.0.attn.qkv.weight"])] == pytest.approx(0.25)
+    assert lr_of[id(named["vit.blocks.1.attn.qkv.weight"])] == pytest.approx(0.5)
+    assert lr_of[id(named["out.conv.conv.weight"])] == pytest.approx(1.0)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd[id(named["vit.blocks.0.attn.qkv.weight"])] == 0.1 and wd[id(named["vit.norm.bias"])] == 0.0
 
 
 def test_encoder_load_report_freeze_and_missing_key(vit_ckpt):

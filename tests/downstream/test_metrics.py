@@ -70,6 +70,23 @@ def test_missed_and_absent_classes():
     assert math.isnan(case["hd95"][0]) and math.isnan(case["ppv"][0])
     assert case["missed"][0] == 1.0
     assert all(math.isnan(case[k][1]) for k in ("dice", "nsd", "hd95", "ppv", "sensitivity"))  # class 2 absent
+    assert case["absent"].tolist() == [0.0, 1.0] and case["spurious"].tolist() == [0.0, 0.0]
+
+
+def test_predicted_but_absent_class_is_a_false_positive():
+    """nnU-Net / MSD: a class predicted where the reference has none scores Dice 0 and PPV 0, and
+    pulls the case's mean down; absent and not predicted stays excluded (and counted)."""
+    y = cube(value=1)
+    p = y.clone()
+    p[0:3, 0:3, 0:3] = 2  # class 2 is not in the reference
+    case = per_case_metrics(p, y, num_classes=4)
+    assert case["dice"][1] == 0.0 and case["ppv"][1] == 0.0 and case["nsd"][1] == 0.0
+    assert math.isnan(case["sensitivity"][1]) and math.isnan(case["hd95"][1])
+    assert case["spurious"].tolist() == [0.0, 1.0, 0.0] and case["absent"].tolist() == [0.0, 0.0, 1.0]
+    m = segmentation_metrics(p, y, num_classes=4, class_names=["a", "b", "c"])
+    assert m["dice/a"] == pytest.approx(1.0) and m["dice/b"] == 0.0 and math.isnan(m["dice/c"])
+    assert m["dice/mean"] == pytest.approx(0.5)  # (1 + 0) / 2: class c is excluded, not scored
+    assert m["spurious/b"] == 1.0 and m["absent/c"] == 1.0 and m["missed/a"] == 0.0
 
 
 def test_aggregate_seeds():

@@ -44,3 +44,24 @@ def test_fixed_sides_and_small_sets():
     assert len(s2.train) == 1 and len(s2.test) == 1
     with pytest.raises(ValueError, match="at least one training"):
         make_split(["a"])
+
+
+def test_split_keeps_each_patient_on_one_side():
+    patients = {c: f"p{i // 3}" for i, c in enumerate(CASES)}  # 3 scans per patient
+    for seed in range(5):
+        s = make_split(CASES, split_seed=seed, val_fraction=0.2, test_fraction=0.25, groups=patients)
+        side = {}
+        for name in ("train", "val", "test"):
+            for c in getattr(s, name):
+                assert side.setdefault(patients[c], name) == name, f"patient {patients[c]} on two sides"
+        assert sorted(s.train + s.val + s.test) == CASES and s.val and s.test
+    # Without groups the split is the case-level one (unchanged behaviour).
+    assert make_split(CASES, split_seed=1, groups={}) == make_split(CASES, split_seed=1)
+
+
+def test_fixed_case_takes_its_patient_and_conflicts_are_refused():
+    patients = {"case_000": "p", "case_001": "p"}
+    s = make_split(CASES, split_seed=0, fixed={"case_000": "test"}, groups=patients)
+    assert {"case_000", "case_001"} <= set(s.test)
+    with pytest.raises(ValueError, match="patient 'p'"):
+        make_split(CASES, fixed={"case_000": "test", "case_001": "train"}, groups=patients)
