@@ -272,7 +272,8 @@ def _log_mlflow(cfg: RaymimConfig, ref: str | None, results, summary, artifacts,
                                        "n_train": r["n_train"], "steps": r["steps"]}.items()])
         ms = finite({f"test/{k}": v for k, v in r["test"].items()})
         ms += finite({f"val/{k}": v for k, v in r["val"].items()})
-        ms += finite({"loss_last": r["loss_last"], "train_seconds": r["train_seconds"]})
+        ms += finite({"loss_last": r["loss_last"], "train_seconds": r["train_seconds"],
+                      "best_step": r.get("best_step", r["steps"])})
         for i in range(0, len(ms), 500):
             client.log_batch(cid, metrics=ms[i:i + 500])
         if r.get("load_report"):
