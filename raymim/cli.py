@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +28,59 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """A bad command-line value: ``main`` prints it as one line and exits 2 (no traceback)."""
+
+
+def check_input(value: str | None, option: str, *, shards: bool = False, scans: bool = False,
+                labelled: bool = False, checkpoint: bool = False) -> None:
+    """Refuse a bad path argument before anything expensive (Ray, MLflow) starts.
+
+    ``shards`` / ``scans``: prepared shards, or (``scans``) raw scans to stream; ``labelled``: a
+    labelled manifest / folder; ``checkpoint``: a checkpoint folder, ``encoder.pt`` or an MLflow
+    reference. URIs are left to the code that reads them."""
+    if value is None or "://" in value and not value.startswith(("runs:/", "models:/")):
+        return
+    if checkpoint and (value.startswith(("runs:/", "models:/")) or (len(value) == 32 and value.isalnum()
+                                                                      and not Path(value).exists())):
+        return
+    is_glob = any(c in value for c in "*?[") and not Path(value).exists()
+    if not is_glob and not Path(value).expanduser().exists():
+        raise UsageError(f"{option} {value}: no such file or folder")
+    path = Path(value).expanduser()
+    if checkpoint:
+        enc = path / "encoder.pt" if path.is_dir() else path
+        if not enc.is_file() or not (enc.parent / "config.yaml").is_file():
+            raise UsageError(f"{option} {value}: not a raymim checkpoint (expected a folder with encoder.pt and "
+                             "config.yaml, an encoder.pt beside its config.yaml, or runs:/<run_id>/encoder)")
+        return
+    if shards and (path / "manifest.json").is_file():
+        from raymim.data.shards import shard_files
+
+        try:
+            shard_files(path)
+        except FileNotFoundError:
+            raise UsageError(f"{option} {value}: has manifest.json but no shards/*.parquet "
+                             "(an interrupted `raymim prepare`? rerun it to finish)") from None
+        return
+    if shards and not scans:
+        raise UsageError(f"{option} {value}: not a folder of prepared shards (manifest.json + shards/*.parquet, "
+                         "written by `raymim prepare`)")
+    from raymim.io.discover import discover_cases
+
+    try:
+        records = discover_cases(value)
+    except ValueError:
+        records = []
+    if labelled:
+        records = [r for r in records if r.get("label")]
+    if not records:
+        looked = "prepared shards (manifest.json + shards/*.parquet) or " if shards else ""
+        kind = "labelled scans (a manifest with image and label columns, or a folder of images with labels)" \
+            if labelled else "scans (NIfTI, NRRD, DICOM series, a CSV/JSONL manifest or dataset.json)"
+        raise UsageError(f"{option} {value}: found no {looked}{kind}")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -83,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(module, f"run_{name}")(args) or 0)
     except ConfigError as exc:
         print(f"raymim {name}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"raymim {name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"raymim {name}: interrupted", file=sys.stderr)

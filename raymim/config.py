@@ -640,8 +640,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
+        import difflib
+
         where = prefix or "the top level"
-        raise ConfigError(f"unknown config key(s) {unknown} in {where}; known: {sorted(known)}.")
+        hints_ = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            name = f"{prefix}.{key}" if prefix else key
+            hints_.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        known_list = "" if all("did you mean" in h for h in hints_) else f"; known: {sorted(known)}"
+        raise ConfigError(f"unknown config key(s) {', '.join(hints_)} in {where}{known_list}.")
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key

@@ -38,3 +38,33 @@ def test_bad_override_exits_2(capsys, tmp_path):
     code = main(["pretrain", "--data", str(tmp_path), "--set", "method.mask_ratio=2"])
     assert code == 2
     assert "mask_ratio" in capsys.readouterr().err
+
+
+def _one_line_usage_error(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_paths_are_refused_before_ray_starts(capsys, tmp_path):
+    """One line naming the bad value and what was expected, exit 2, and no Ray started."""
+    import ray
+
+    missing = str(tmp_path / "nope")
+    _one_line_usage_error(["pretrain", "--data", missing], capsys, "--data", "no such file or folder")
+    (tmp_path / "empty").mkdir()
+    _one_line_usage_error(["pretrain", "--data", str(tmp_path / "empty")], capsys, "found no prepared shards",
+                          "scans")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "manifest.json").write_text("{}")
+    _one_line_usage_error(["pretrain", "--data", str(tmp_path / "half")], capsys, "no shards/*.parquet")
+    _one_line_usage_error(["finetune", "--pretrained", missing, "--data", str(tmp_path)], capsys, "--pretrained")
+    (tmp_path / "ckpt").mkdir()
+    _one_line_usage_error(["finetune", "--pretrained", str(tmp_path / "ckpt"), "--data", str(tmp_path)], capsys,
+                          "not a raymim checkpoint", "encoder.pt")
+    _one_line_usage_error(["tune", "--data", missing, "--labelled", missing], capsys, "--data")
+    _one_line_usage_error(["prepare", "--input", missing, "--out", str(tmp_path / "o")], capsys, "--input")
+    assert not ray.is_initialized()

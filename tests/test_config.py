@@ -53,8 +53,10 @@ def test_exponent_without_dot_is_a_number():
 
 
 def test_unknown_keys_rejected():
-    with pytest.raises(ConfigError, match="mask_ration"):
+    with pytest.raises(ConfigError, match=r"method.mask_ration \(did you mean mask_ratio\?\)"):
         load_config(None, ["method.mask_ration=0.5"])
+    with pytest.raises(ConfigError, match="known: "):  # nothing close: the known keys are listed
+        load_config(None, ["method.zzzz=1"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("method.mask_ratio")
 

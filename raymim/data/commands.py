@@ -44,10 +44,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from raymim.cli import check_input
     from raymim.config import load_config
     from raymim.data.pipeline import format_summary, prepare
 
     cfg = load_config(args.config, args.overrides).prepare
+    check_input(args.input, "--input", scans=True)
     if args.max_rejected is not None and not 0.0 <= args.max_rejected <= 1.0:
         raise ConfigError(f"--max-rejected should be in the range [0, 1], got {args.max_rejected}.")
     summary = prepare(args.input, args.out, cfg, overwrite=args.overwrite, keep_paths=args.keep_paths,

@@ -34,7 +34,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from raymim.cli import check_input
     from raymim.config import load_config
+
+    check_input(args.pretrained, "--pretrained", checkpoint=True)
+    check_input(args.data, "--data", labelled=True)
+    check_input(args.pretrain_data, "--pretrain-data", shards=True)
     from raymim.downstream.evaluate import run_finetune as _run
     from raymim.train.tracking import DEFAULT_ROOT
 

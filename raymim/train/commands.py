@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raymim.cli import EXIT_USAGE, add_config_arguments
+from raymim.cli import EXIT_USAGE, add_config_arguments, check_input
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from raymim.train.trainer import pretrain
 
     cfg = load_config(args.config, args.overrides)
+    check_input(args.data, "--data", shards=True, scans=True)
     try:
         res = pretrain(cfg, args.data, name=args.name, storage=args.storage)
     except CheckpointMismatchError as exc:

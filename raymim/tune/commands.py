@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raymim.cli import EXIT_USAGE, add_config_arguments
+from raymim.cli import EXIT_USAGE, add_config_arguments, check_input
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def run_tune(args: argparse.Namespace) -> int:
     from raymim.tune.driver import OBJECTIVE, sweep
 
     cfg = load_config(args.config, args.overrides)
+    check_input(args.data, "--data", shards=True, scans=True)
+    check_input(args.labelled or cfg.tune.labelled, "--labelled", labelled=True)
     try:
         res = sweep(cfg, args.data, labelled=args.labelled, name=args.name, storage=args.storage,
                     resume=args.resume)
