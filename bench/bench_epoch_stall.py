@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from raymim.config import load_config, to_dict
 from raymim.train.loop import train_loop_per_worker
+from raymim.train.reporting import metric_name
 from raymim.train.tracking import setup_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def run(repeat: int, rows: int, steps: int, work: Path) -> list[tuple[int, float
                  scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=ray.train.RunConfig(name=f"r{repeat}", storage_path=str(work / "ray")),
                  datasets={"train": ds}).fit()
-    hist = mlflow.MlflowClient(uri).get_metric_history(run_id, "data_wait_frac")
+    hist = mlflow.MlflowClient(uri).get_metric_history(run_id, metric_name("data_wait_frac"))
     return [(m.step, round(m.value, 2)) for m in sorted(hist, key=lambda m: m.step)]
 
 

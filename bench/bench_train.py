@@ -81,6 +81,7 @@ def run_ray(a, rep: int) -> dict:
     import mlflow
     import ray
 
+    from raymim.train.reporting import metric_name
     from raymim.train.trainer import pretrain
 
     root = Path(a.workdir)
@@ -89,7 +90,7 @@ def run_ray(a, rep: int) -> dict:
     res = pretrain(cfg, a.data, name=f"bench-train-{os.getpid()}-{rep}", storage=str(root / "ray"))
     wall = time.perf_counter() - start
     client = mlflow.MlflowClient(res.tracking_uri)
-    hist = {k: {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, k)}
+    hist = {k: {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, metric_name(k))}
             for k in ("samples_per_s", "data_wait_frac", "epoch")}
     windows = [{"step": s, "samples_per_s": hist["samples_per_s"][s], "data_wait_frac": hist["data_wait_frac"][s],
                 "epoch": int(hist["epoch"][s])} for s in sorted(hist["samples_per_s"])]

@@ -59,7 +59,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.strict:
         overrides.append("finetune.strict_overlap=true")
     cfg = load_config(args.config, overrides)
-    out = args.out or str(DEFAULT_ROOT / "finetune" / cfg.name)
+    out = args.out or str(DEFAULT_ROOT / "finetune" / pretrain_run_name(args.pretrained))
     from raymim.downstream.overlap import OverlapError
 
     try:
@@ -72,3 +72,26 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(json.dumps({"out_dir": str(res.out_dir), "mlflow_parent_run": res.parent_run_id,
                       "child_runs": len(res.child_run_ids)}, indent=2))
     return 0
+
+
+def pretrain_run_name(ref: str) -> str:
+    """The pretraining run a checkpoint reference belongs to (names the default output folder):
+    ``runs/ray/mim-try1/best`` -> ``mim-try1``; ``runs:/<id>/encoder`` -> that MLflow run's name."""
+    from pathlib import Path
+
+    if ref.startswith("runs:/") or (len(ref) == 32 and ref.isalnum() and not Path(ref).exists()):
+        run_id = ref[len("runs:/"):].split("/")[0] if ref.startswith("runs:/") else ref
+        try:
+            import mlflow
+
+            from raymim.train.tracking import resolve_tracking_uri
+
+            return mlflow.MlflowClient(resolve_tracking_uri()).get_run(run_id).info.run_name or run_id
+        except Exception:  # noqa: BLE001 - the name is cosmetic
+            return run_id
+    path = Path(ref).resolve()
+    if path.is_file():
+        path = path.parent
+    while path.name.startswith("checkpoint_") or path.name in ("best", "encoder"):
+        path = path.parent
+    return path.name or "finetune"

@@ -211,9 +211,15 @@ def _fit_with_ray_train(job: dict[str, Any], cfg: RaymimConfig, out: Path) -> No
 
 def _write_artifacts(out: Path, rows, summary, results, cases, split: Split, cfg: RaymimConfig,
                      ref: str | None, overlap: str = "") -> list[Path]:
+    """results.csv / summary.csv, results.md (Markdown tables only), the Dice-vs-fraction plots
+    (mean over classes, and per class), split.json and the test-case overlays, classes named by
+    ``finetune.class_names`` (else the label values ``finetune.classes``, else ``class_<i>``)."""
+    from raymim.downstream.report import class_labels, plot_dice_per_class, result_classes
+
     arts = [write_csv(rows, out / "results.csv"), write_csv(summary, out / "summary.csv")]
     title = f"{cfg.method.name} {cfg.model.backbone} vs scratch ({len(split.test)} test cases)"
-    md = markdown_summary(summary, title)
+    classes = class_labels(result_classes(results), cfg.finetune.class_names, cfg.finetune.classes)
+    md = markdown_summary(summary, title, classes)
     budget = ", ".join(sorted({f"{r['n_train']} cases: {r['steps']} steps" for r in results}))
     selected = "best validation Dice" if any(r.get("select") == "best_val" for r in results) else "last step"
     md += (f"\nPretrained: `{ref}`. Split: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test "
@@ -222,6 +228,8 @@ def _write_artifacts(out: Path, rows, summary, results, cases, split: Split, cfg
     (out / "results.md").write_text(md)
     arts.append(out / "results.md")
     arts.append(plot_dice_vs_fraction(summary, out / "dice_vs_fraction.png"))
+    if classes:
+        arts.append(plot_dice_per_class(summary, out / "dice_per_class.png", classes))
     (out / "split.json").write_text(json.dumps(dataclasses.asdict(split), indent=1))
     arts.append(out / "split.json")
     (out / "overlays").mkdir(exist_ok=True)
@@ -233,65 +241,77 @@ def _write_artifacts(out: Path, rows, summary, results, cases, split: Split, cfg
         c = cases[case_id]
         name = case_id.replace("/", "_").split(".")[0]
         arts.append(overlay_figure(c["image"][0].numpy(), c["label"][0].numpy(), preds,
-                                   out / "overlays" / f"{name}.png", title=case_id))
+                                   out / "overlays" / f"{name}.png", title=case_id,
+                                   class_names=list(classes.values()) or None))
     return arts
+
+
+def metric_key(fraction: float, init: str, key: str) -> str:
+    """MLflow name of a summary value, grouped by slashes: ``finetune/f0.10/pretrained/dice``
+    (``dice/mean``), ``.../dice_std`` (``dice/mean_std``), ``.../dice_gain_vs_scratch``."""
+    name = key.replace("/mean_std", "_std").replace("/mean", "")
+    return f"finetune/f{fraction:.2f}/{init}/{name}"
 
 
 def _log_mlflow(cfg: RaymimConfig, ref: str | None, results, summary, artifacts, split: Split, quick: bool,
                 seconds: float) -> tuple[str, dict[str, str]]:
+    """A parent run (nested under the pretraining run it evaluates, in that run's experiment, when
+    it is known) and one child per cell; metric names grouped by slashes."""
     import math
 
     import mlflow
     from mlflow.entities import Metric
 
-    from raymim.train.tracking import log_params_flat, setup_experiment
+    from raymim.train.tracking import log_params_flat, run_status, setup_experiment
 
     exp_id = setup_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient(mlflow.get_tracking_uri())
     tags = {"raymim.kind": "finetune", "raymim.pretrained": str(ref), "raymim.quick": str(quick)}
     pretrain_run = _pretrain_run_id(ref)
     if pretrain_run:
-        tags["raymim.pretrain_run_id"] = pretrain_run
+        try:
+            exp_id = client.get_run(pretrain_run).info.experiment_id
+            tags.update({"raymim.pretrain_run_id": pretrain_run, "mlflow.parentRunId": pretrain_run})
+        except Exception:  # noqa: BLE001 - a run of another store: keep the link as a tag only
+            tags["raymim.pretrain_run_id"] = pretrain_run
     parent = client.create_run(exp_id, run_name=f"finetune-{cfg.name}", tags=tags).info.run_id
-    params = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] in ("model", "method", "finetune", "prepare")}
-    params.update({"split.train": len(split.train), "split.val": len(split.val), "split.test": len(split.test)})
-    log_params_flat(client, parent, params)
-    now = int(time.time() * 1000)
+    with run_status(client, parent):
+        params = {k: v for k, v in flatten(cfg).items()
+                  if k.split(".")[0] in ("model", "method", "finetune", "prepare")}
+        params.update({"split.train": len(split.train), "split.val": len(split.val), "split.test": len(split.test)})
+        log_params_flat(client, parent, params)
+        now = int(time.time() * 1000)
 
-    def finite(d: Mapping[str, Any]) -> list[Metric]:
-        return [Metric(k.replace("/", "."), float(v), now, 0) for k, v in d.items()
-                if isinstance(v, int | float) and math.isfinite(float(v))]
+        def finite(d: Mapping[str, Any]) -> list[Metric]:
+            return [Metric(k, float(v), now, 0) for k, v in d.items()
+                    if isinstance(v, int | float) and math.isfinite(float(v))]
 
-    children = {}
-    for r in results:
-        run = client.create_run(exp_id, run_name=r["key"], tags={"mlflow.parentRunId": parent, "raymim.init": r["init"],
-                                                                   "raymim.kind": "finetune-cell"})
-        cid = run.info.run_id
-        client.log_batch(cid, params=[mlflow.entities.Param(k, str(v)) for k, v in
-                                      {"fraction": r["fraction"], "seed": r["seed"], "init": r["init"],
-                                       "n_train": r["n_train"], "steps": r["steps"]}.items()])
-        ms = finite({f"test/{k}": v for k, v in r["test"].items()})
-        ms += finite({f"val/{k}": v for k, v in r["val"].items()})
-        ms += finite({"loss_last": r["loss_last"], "train_seconds": r["train_seconds"],
-                      "best_step": r.get("best_step", r["steps"])})
+        children = {}
+        for r in results:
+            run = client.create_run(exp_id, run_name=r["key"], tags={
+                "mlflow.parentRunId": parent, "raymim.init": r["init"], "raymim.kind": "finetune-cell"})
+            cid = run.info.run_id
+            client.log_batch(cid, params=[mlflow.entities.Param(k, str(v)) for k, v in
+                                          {"fraction": r["fraction"], "seed": r["seed"], "init": r["init"],
+                                           "n_train": r["n_train"], "steps": r["steps"]}.items()])
+            ms = finite({f"test/{k}": v for k, v in r["test"].items()})
+            ms += finite({f"val/{k}": v for k, v in r["val"].items()})
+            ms += finite({"train/loss_last": r["loss_last"], "train/seconds": r["train_seconds"],
+                          "train/best_step": r.get("best_step", r["steps"])})
+            for i in range(0, len(ms), 500):
+                client.log_batch(cid, metrics=ms[i:i + 500])
+            if r.get("load_report"):
+                client.log_dict(cid, r["load_report"], "load_report.json")
+            client.set_terminated(cid)
+            children[r["key"]] = cid
+        summ = {metric_key(row["fraction"], row["init"], k): v for row in summary for k, v in row.items()
+                if "/" in k or k == "dice_gain_vs_scratch"}
+        summ["finetune/seconds"] = seconds
+        ms = finite(summ)
         for i in range(0, len(ms), 500):
-            client.log_batch(cid, metrics=ms[i:i + 500])
-        if r.get("load_report"):
-            client.log_dict(cid, r["load_report"], "load_report.json")
-        client.set_terminated(cid)
-        children[r["key"]] = cid
-    summ = {}
-    for row in summary:
-        for k, v in row.items():
-            if "/" in k or k == "dice_gain_vs_scratch":
-                summ[f"f{row['fraction']:g}.{row['init']}.{k}"] = v
-    summ["seconds"] = seconds
-    ms = finite(summ)
-    for i in range(0, len(ms), 500):
-        client.log_batch(parent, metrics=ms[i:i + 500])
-    for art in artifacts:
-        client.log_artifact(parent, str(art), artifact_path="overlays" if art.parent.name == "overlays" else None)
-    client.set_terminated(parent)
+            client.log_batch(parent, metrics=ms[i:i + 500])
+        for art in artifacts:
+            client.log_artifact(parent, str(art), artifact_path="overlays" if art.parent.name == "overlays" else None)
     return parent, children
 
 
@@ -300,6 +320,10 @@ def _pretrain_run_id(ref: str | None) -> str | None:
         return None
     if ref.startswith("runs:/"):
         return ref[len("runs:/"):].split("/")[0]
+    path = Path(ref)
+    for meta in (path / "meta.json", path.parent / "meta.json"):
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("mlflow_run_id")
     if len(ref) == 32 and ref.isalnum() and not Path(ref).exists():
         return ref
     return None

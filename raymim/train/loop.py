@@ -330,7 +330,8 @@ def _save_and_report(method, opt, sched, scaler, cfg: RaymimConfig, step: int, e
     }
     meta = {"step": step, "epoch": epoch, "loss": score, "best_loss": best, "is_best": is_best,
             "method": cfg.method.name, "backbone": cfg.model.backbone,
-            "config_hash": ckpt.model_config_hash(cfg), "data": data, **(extra or {})}
+            "config_hash": ckpt.model_config_hash(cfg), "data": data, "mlflow_run_id": log.run_id,
+            **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.write_checkpoint(tmp, state=state, encoder_state=method.encoder.state_dict(), cfg=cfg, meta=meta)
         if is_best:

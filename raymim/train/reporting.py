@@ -5,6 +5,7 @@ call it unconditionally.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +14,35 @@ import torch
 
 from raymim.config import RaymimConfig, dump_yaml
 from raymim.train.checkpoint import CONFIG_FILE, ENCODER_FILE
+
+PERF_METRICS = ("samples_per_s", "data_wait_frac")
+_LEVEL_TERM = re.compile(r"^(loss_[a-z]+)_l(\d+)$")
+
+
+def metric_name(key: str) -> str:
+    """MLflow name of a pretraining metric, grouped by slashes: ``loss`` -> ``train/loss``,
+    ``loss_rec_l2`` -> ``train/loss_rec/level2``, ``samples_per_s`` -> ``perf/samples_per_s``,
+    ``probe_loss`` -> ``probe/loss``."""
+    if key == "probe_loss":
+        return "probe/loss"
+    if key in PERF_METRICS:
+        return f"perf/{key}"
+    m = _LEVEL_TERM.match(key)
+    if m:
+        return f"train/{m.group(1)}/level{m.group(2)}"
+    return f"train/{key}"
+
+
+def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` under :func:`metric_name` names, without duplicates: a per-level term that is
+    the only one of its kind (``loss_align_l2`` with two levels) equals its aggregate and is dropped."""
+    per_level: dict[str, list[str]] = {}
+    for key in metrics:
+        m = _LEVEL_TERM.match(key)
+        if m:
+            per_level.setdefault(m.group(1), []).append(key)
+    drop = {keys[0] for base, keys in per_level.items() if len(keys) == 1 and base in metrics}
+    return {metric_name(k): v for k, v in metrics.items() if k not in drop}
 
 
 class RankZeroLogger:
@@ -45,7 +75,7 @@ class RankZeroLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), ts, step) for k, v in mlflow_metrics(metrics).items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 

@@ -7,7 +7,9 @@ plain ``file:`` stores unless ``MLFLOW_ALLOW_FILE_STORE=true``; DESIGN.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,21 @@ def log_params_flat(client: Any, run_id: str, params: dict[str, Any]) -> None:
     items = [p for p in items if p.key not in existing]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+@contextlib.contextmanager
+def run_status(client: Any, run_id: str, on_interrupt: Callable[[], None] | None = None) -> Iterator[None]:
+    """End ``run_id`` as MLflow users expect: ``FINISHED`` when the block completes, ``KILLED``
+    on Ctrl-C (``KeyboardInterrupt``; ``on_interrupt`` runs first, e.g. to say how to resume),
+    ``FAILED`` on any other error. The exception is re-raised; no run is left ``RUNNING``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status="KILLED")
+        if on_interrupt is not None:
+            on_interrupt()
+        raise
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")

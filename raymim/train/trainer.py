@@ -25,6 +25,7 @@ from raymim.train.tracking import (
     find_run,
     log_params_flat,
     resolve_tracking_uri,
+    run_status,
     setup_experiment,
 )
 
@@ -208,7 +209,7 @@ def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | No
 def _metric_endpoints(uri: str, run_id: str) -> tuple[float | None, float | None]:
     import mlflow
 
-    hist = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
+    hist = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")
     if not hist:
         return None, None
     hist = sorted(hist, key=lambda m: (m.step, m.timestamp))
@@ -238,41 +239,43 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
-    tc = cfg.train
-    probe, held = build_probe(data, cfg)
-    if held:
-        print(f"[raymim] probe: {len(probe)} crops of {len(held)} case(s) held out of pretraining", flush=True)
-    dataset, repeat = build_dataset(data, cfg, exclude=held)
-    resources = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
-                           "best_dir": f"{storage.rstrip('/')}/{name}/best",
-                           "run_dir": None if "://" in storage else f"{storage}/{name}",
-                           "epochs_per_pass": repeat, "data": _local_path(data),
-                           "probe": None if probe is None else ray.put(probe)},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            callbacks=extra_callbacks,
-        ),
-        datasets={"train": dataset},
-    )
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    try:
+
+    def interrupted() -> None:
+        step = check_existing_checkpoints(storage, name, cfg)
+        print(f"[raymim] interrupted at step {step} (the last checkpoint); rerun the same command to resume",
+              flush=True)
+
+    with run_status(client, run_id, on_interrupt=interrupted):
+        tc = cfg.train
+        probe, held = build_probe(data, cfg)
+        if held:
+            print(f"[raymim] probe: {len(probe)} crops of {len(held)} case(s) held out of pretraining", flush=True)
+        dataset, repeat = build_dataset(data, cfg, exclude=held)
+        resources = {"CPU": tc.cpus_per_worker}
+        if tc.use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
+                               "best_dir": f"{storage.rstrip('/')}/{name}/best",
+                               "run_dir": None if "://" in storage else f"{storage}/{name}",
+                               "epochs_per_pass": repeat, "data": _local_path(data),
+                               "probe": None if probe is None else ray.put(probe)},
+            scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                callbacks=extra_callbacks,
+            ),
+            datasets={"train": dataset},
+        )
         result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
     prune_orphan_checkpoints(storage, name)
     first, final = _metric_endpoints(uri, run_id)
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from raymim.config import RaymimConfig, config_from_dict, flatten, to_dict, unflatten
-from raymim.train.tracking import find_run, log_params_flat, resolve_tracking_uri, setup_experiment
+from raymim.train.tracking import find_run, log_params_flat, resolve_tracking_uri, run_status, setup_experiment
 from raymim.tune.report import OBJECTIVE  # validation Dice of the quick fine-tune
 
 PROBE = "probe_loss"
@@ -274,39 +274,42 @@ def sweep(cfg: RaymimConfig, data: str, labelled: str | None = None, name: str |
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     uri, parent = _parent_run(cfg, name)
-    if dropped:
-        import mlflow
+    import mlflow
 
-        mlflow.MlflowClient(uri).set_tag(parent, "raymim.collapsed_grid_points", json.dumps(
-            [{"point": pt, "same_as": same} for pt, same in dropped], default=str)[:5000])
-    base = to_dict(cfg)
-    ctx = {"base": base, "data": str(Path(data).resolve()), "labelled": str(Path(labelled).resolve()),
-           "storage": str(Path(storage) / f"{name}-trials") if "://" not in storage else f"{storage}/{name}-trials",
-           "parent_run_id": parent, "finetune_steps": cfg.tune.finetune_steps, "seed": cfg.tune.seed}
-    space = {**tune_space, "_ctx": ctx}
-    trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.trial_cpus})
-    exp_path = f"{storage.rstrip('/')}/{name}"
-    if resume and tune.Tuner.can_restore(exp_path):
-        print(f"[raymim] resuming sweep {name!r} from {exp_path}", flush=True)
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=space,
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        if tune.Tuner.can_restore(exp_path) and not resume:
-            raise FileExistsError(f"sweep {name!r} already exists at {exp_path}: pass --resume or a new --name")
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, search_alg=_search_alg(cfg),
-                                        scheduler=_scheduler(cfg), max_concurrent_trials=cfg.tune.max_concurrent,
-                                        time_budget_s=cfg.tune.time_budget_s),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
-        )
-    grid = tuner.fit()
-    table = _table(grid, list(cfg.tune.space))
-    best = table[0] if table and table[0].get(OBJECTIVE) is not None else None
-    if best is not None:
-        best.update(_score_selected(best, ctx, uri, parent))
-    _finish_parent(uri, parent, table, list(cfg.tune.space), best)
+    with run_status(mlflow.MlflowClient(uri), parent):
+        if dropped:
+            import mlflow
+
+            mlflow.MlflowClient(uri).set_tag(parent, "raymim.collapsed_grid_points", json.dumps(
+                [{"point": pt, "same_as": same} for pt, same in dropped], default=str)[:5000])
+        base = to_dict(cfg)
+        ctx = {"base": base, "data": str(Path(data).resolve()), "labelled": str(Path(labelled).resolve()),
+               "storage": str(Path(storage) / f"{name}-trials") if "://" not in storage else f"{storage}/{name}-trials",
+               "parent_run_id": parent, "finetune_steps": cfg.tune.finetune_steps, "seed": cfg.tune.seed}
+        space = {**tune_space, "_ctx": ctx}
+        trainable = tune.with_resources(run_trial, {"CPU": cfg.tune.trial_cpus})
+        exp_path = f"{storage.rstrip('/')}/{name}"
+        if resume and tune.Tuner.can_restore(exp_path):
+            print(f"[raymim] resuming sweep {name!r} from {exp_path}", flush=True)
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=space,
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            if tune.Tuner.can_restore(exp_path) and not resume:
+                raise FileExistsError(f"sweep {name!r} already exists at {exp_path}: pass --resume or a new --name")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, search_alg=_search_alg(cfg),
+                                            scheduler=_scheduler(cfg), max_concurrent_trials=cfg.tune.max_concurrent,
+                                            time_budget_s=cfg.tune.time_budget_s),
+                run_config=tune.RunConfig(name=name, storage_path=storage),
+            )
+        grid = tuner.fit()
+        table = _table(grid, list(cfg.tune.space))
+        best = table[0] if table and table[0].get(OBJECTIVE) is not None else None
+        if best is not None:
+            best.update(_score_selected(best, ctx, uri, parent))
+        _finish_parent(uri, parent, table, list(cfg.tune.space), best)
     return SweepResult(name, exp_path, parent, uri, table, best)
 
 
@@ -371,4 +374,3 @@ def _finish_parent(uri: str, parent: str, table: list[dict[str, Any]], keys: lis
                     if src.is_file():
                         (Path(tmp) / f).write_bytes(src.read_bytes())
                 client.log_artifacts(parent, tmp, artifact_path="best_encoder")
-    client.set_terminated(parent, status="FINISHED")

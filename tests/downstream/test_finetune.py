@@ -35,8 +35,12 @@ def test_cli_finetune_pairs_logged(phantoms, vit_ckpt, mlflow_uri, tmp_path):
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     inits = sorted((c.data.params["fraction"], c.data.tags["raymim.init"]) for c in children)
     assert inits == [("0.5", "pretrained"), ("0.5", "scratch"), ("1.0", "pretrained"), ("1.0", "scratch")]
-    assert all("test.dice.mean" in c.data.metrics for c in children)
-    assert "f1.pretrained.dice_gain_vs_scratch" in parent.data.metrics
+    assert all("test/dice/mean" in c.data.metrics and "val/dice/liver" in c.data.metrics for c in children)
+    assert "finetune/f1.00/pretrained/dice_gain_vs_scratch" in parent.data.metrics
+    assert "finetune/f0.50/scratch/dice" in parent.data.metrics and "finetune/f0.50/scratch/dice_std" in \
+        parent.data.metrics
+    assert not [k for k in parent.data.metrics if "." in k.split("/")[-1]], "dotted names MLflow cannot group"
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.params["steps"] == "2" for c in children)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "dice_vs_fraction.png", "overlays"} <= arts
@@ -173,3 +177,15 @@ def test_ray_train_grid(ray_session, phantoms, vit_ckpt, mlflow_uri, tmp_path):
     res = run_finetune(str(vit_ckpt), str(phantoms), cfg, tmp_path / "ft", quick=True, engine="ray")
     assert sorted(r["init"] for r in res.rows) == ["pretrained", "scratch"]
     assert len(res.child_run_ids) == 2 and res.parent_run_id
+
+
+def test_default_output_folder_is_named_after_the_pretraining_run(tmp_path):
+    from raymim.downstream.commands import pretrain_run_name
+
+    ckpt = tmp_path / "mim-try1" / "checkpoint_step00000060"
+    ckpt.mkdir(parents=True)
+    (ckpt / "encoder.pt").write_bytes(b"")
+    assert pretrain_run_name(str(ckpt)) == "mim-try1"
+    assert pretrain_run_name(str(ckpt / "encoder.pt")) == "mim-try1"
+    (tmp_path / "mim-try1" / "best").mkdir()
+    assert pretrain_run_name(str(tmp_path / "mim-try1" / "best")) == "mim-try1"

@@ -93,11 +93,11 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags.get("raymim.resumed") == "true"
     assert run.data.params["method.name"] == "mae" and run.data.params["train.steps"] == str(steps)
-    loss_steps = [m.step for m in _history(uri, res.mlflow_run_id, "loss")]
+    loss_steps = [m.step for m in _history(uri, res.mlflow_run_id, "train/loss")]
     assert max(loss_steps) == steps and min(loss_steps) == 1
     # steps after the last checkpoint before the kill are logged twice at most; nothing past `steps`
     assert len(loss_steps) <= steps + every
-    for key in ("mask_ratio", "lr", "samples_per_s", "data_wait_frac"):
+    for key in ("train/mask_ratio", "train/lr", "perf/samples_per_s", "perf/data_wait_frac"):
         assert _history(uri, res.mlflow_run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"panels", "encoder"} <= artifacts
@@ -148,7 +148,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, shards, tmp_
     thread.join(timeout=600)
     assert "res" in box, "the run did not complete after a worker was killed"
     res = box["res"]
-    loss_steps = [m.step for m in _history(res.tracking_uri, res.mlflow_run_id, "loss")]
+    loss_steps = [m.step for m in _history(res.tracking_uri, res.mlflow_run_id, "train/loss")]
     assert max(loss_steps) == steps
     repeated = len(loss_steps) - len(set(loss_steps))
     assert repeated <= every, f"{repeated} steps were repeated; at most one checkpoint interval ({every}) may be"

@@ -214,7 +214,7 @@ def test_tiny_sweep_interrupted_then_resumed(ray_session, sweep_data, tmp_path):
     assert parent == res.parent_run_id and len(kids) == 4, "every trial is one child run of the sweep's parent run"
     # finished trials were not rerun: their pretraining steps were logged once each
     for run in done_before:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)), f"trial {run.info.run_name} was rerun after --resume"
     completed = [r for r in res.table if r["status"] == "complete"]
     assert completed and all(0.0 <= r["val_dice"] <= 1.0 for r in completed)
@@ -223,7 +223,7 @@ def test_tiny_sweep_interrupted_then_resumed(ray_session, sweep_data, tmp_path):
     for kid in kids:
         metrics = client.get_run(kid.info.run_id).data.metrics
         if kid.info.run_id in {r["mlflow_run_id"] for r in completed}:
-            assert "downstream/val/dice/mean" in metrics and "probe_loss" in metrics
+            assert "downstream/val/dice/mean" in metrics and "probe/loss" in metrics
             assert not [k for k in metrics if k.startswith("downstream/test/")], "a trial was scored on test"
         # Only the selected trial is scored on the test cases, once, after the sweep.
         assert ("test/dice/mean" in metrics) == (kid.info.run_id == res.best["mlflow_run_id"])
