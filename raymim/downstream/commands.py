@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -69,8 +68,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(f"raymim finetune: {exc}", file=sys.stderr)
         return 2
     print((res.out_dir / "results.md").read_text())
-    print(json.dumps({"out_dir": str(res.out_dir), "mlflow_parent_run": res.parent_run_id,
-                      "child_runs": len(res.child_run_ids)}, indent=2))
+    print(f"results: {res.out_dir} (results.md, results.csv, dice_vs_fraction.png, overlays/)")
+    if res.parent_run_id:
+        from raymim.train.tracking import resolve_tracking_uri
+
+        print(f"MLflow run {res.parent_run_id} with {len(res.child_run_ids)} cell runs; browse with "
+              f"`mlflow ui --backend-store-uri {resolve_tracking_uri(cfg.mlflow.tracking_uri)}`")
     return 0
 
 

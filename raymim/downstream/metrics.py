@@ -82,6 +82,8 @@ def per_case_metrics(
     with warnings.catch_warnings():
         # MONAI warns for empty masks; those cases are handled (set to nan / counted) below.
         warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf distance")
+        # MONAI 1.6's own surface metrics pass a deprecated argument to get_mask_edges.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
         nsd = SurfaceDiceMetric(
             class_thresholds=[float(nsd_tolerance_mm)] * nfg, include_background=False, reduction="none"
         )(p1, y1, spacing=spacing)[0]

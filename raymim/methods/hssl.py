@@ -39,7 +39,7 @@ from torch import nn
 from raymim.config import RaymimConfig
 from raymim.masking.tokens import random_masking
 from raymim.methods.base import MethodOutput, register_method
-from raymim.methods.mae import MAE
+from raymim.methods.mae import MAE, first_case_id, input_label
 from raymim.models.heads import ProjectionHead
 
 
@@ -134,7 +134,9 @@ class HSSL(MAE):
             loss = loss + mc.domain_weight * loss_dom
             metrics["loss_domain"] = float(loss_dom.detach())
         metrics["loss"] = float(loss.detach())
-        visuals = self.reconstruction_visuals(views[:n], pred[:n].detach(), tm.mask[:n])
+        label = f"view 1 (flips, intensity jitter) of a {input_label(batch['image'], imgs)}"
+        visuals = self.reconstruction_visuals(views[:n], pred[:n].detach(), tm.mask[:n], label=label,
+                                              case_id=first_case_id(batch))
         return MethodOutput(loss, metrics, visuals)
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,45 @@ from raymim.models.heads import MAEDecoder
 from raymim.models.registry import build_encoder
 
 VISIBLE_ONLY_BACKBONES = ("vit", "convvit")
+
+
+def side_text(shape: Sequence[int]) -> str:
+    """``(32, 32, 32)`` -> ``"32^3"``, ``(96, 96, 64)`` -> ``"96x96x64"``."""
+    shape = [int(s) for s in shape]
+    return f"{shape[0]}^3" if len(set(shape)) == 1 else "x".join(map(str, shape))
+
+
+def input_label(raw: torch.Tensor, net_input: torch.Tensor) -> str:
+    """What a panel row shows: the batch's crop ``raw`` [B, C, ...] and the network input it became."""
+    crop, size = side_text(raw.shape[2:]), side_text(net_input.shape[2:])
+    return f"{crop} crop" + (f", resized to {size}" if crop != size else " (network input size)")
+
+
+def first_case_id(batch: Mapping[str, Any]) -> str | None:
+    """Case id of the batch's first sample (the one the panels show), when the batch has one."""
+    ids = batch.get("case_id")
+    return str(ids[0]) if ids is not None and len(ids) and ids[0] is not None else None
+
+
+def masked_visuals(imgs: torch.Tensor, recon: torch.Tensor, vox: torch.Tensor, *, label: str | None = None,
+                   case_id: str | None = None) -> dict[str, torch.Tensor]:
+    """Panels of sample 0 (``[C, D, H, W]`` each): ``input``, ``masked`` (removed voxels zeroed),
+    ``recon`` (the prediction in the removed voxels, the input pasted back in the visible ones) and
+    ``mask`` (voxel mask ``vox`` [B, 1, D, H, W], 1 = removed). With a ``label`` (what the row
+    shows) or ``case_id``, each is a MONAI ``MetaTensor`` carrying both in ``meta`` for
+    :mod:`raymim.train.panels`."""
+    out = {
+        "input": PretrainMethod.panel(imgs),
+        "masked": PretrainMethod.panel(imgs * (1.0 - vox)),
+        "recon": PretrainMethod.panel(recon * vox + imgs * (1.0 - vox)),
+        "mask": PretrainMethod.panel(vox),
+    }
+    meta = {k: v for k, v in (("label", label), ("case_id", case_id)) if v}
+    if not meta:
+        return out
+    from monai.data import MetaTensor
+
+    return {k: MetaTensor(v, meta=dict(meta)) for k, v in out.items()}
 
 
 @register_method("mae")
@@ -74,17 +114,14 @@ class MAE(PretrainMethod):
         return masked_recon_loss(pred, target, mask, self.loss_kind)
 
     @torch.no_grad()
-    def reconstruction_visuals(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict:
-        """Input, masked input and reconstruction (visible patches pasted back) of sample 0."""
+    def reconstruction_visuals(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *,
+                               label: str | None = None, case_id: str | None = None) -> dict:
+        """:func:`masked_visuals` of sample 0 from the patch predictions ``pred`` and token ``mask``."""
         if self.config.method.norm_pix_loss:
             pred = denormalize_patches(pred, imgs, self.patch)
         recon = unpatchify(pred, self.patch, self.grid, imgs.shape[1])
         vox = mask_to_volume(mask, self.grid, imgs.shape[2:])
-        return {
-            "input": self.panel(imgs),
-            "masked": self.panel(imgs * (1.0 - vox)),
-            "recon": self.panel(recon * vox + imgs * (1.0 - vox)),
-        }
+        return masked_visuals(imgs, recon, vox, label=label, case_id=case_id)
 
     def probe_mask(self, batch: int, ratio: float, seed: int, device: torch.device) -> TokenMask:
         """The probe's fixed token-wise random mask (drawn on the CPU, then moved)."""
@@ -113,4 +150,6 @@ class MAE(PretrainMethod):
             "loss_rec": float(loss.detach()),
             "mask_ratio": float(tm.mask.mean()),
         }
-        return MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
+        visuals = self.reconstruction_visuals(imgs, pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
+                                              case_id=first_case_id(batch))
+        return MethodOutput(loss, metrics, visuals)

@@ -109,7 +109,7 @@ from raymim.config import RaymimConfig
 from raymim.masking.report_guided import mean_attention, patch_attention, report_guided_masking
 from raymim.masking.selection import prior_token_scores
 from raymim.methods.base import MethodOutput, register_method
-from raymim.methods.mae import MAE
+from raymim.methods.mae import MAE, first_case_id, input_label
 from raymim.models.heads import ProjectionHead
 from raymim.models.text import Encoded, ReportTokenizer, TextEncoder, load_keywords
 
@@ -403,7 +403,9 @@ class MedIM(MAE):
                    "no_report_frac": float(1.0 - has.float().mean())}
         if uses_prior:
             metrics["medim_prior_missing"] = 1.0 if prior is None else 0.0
-        return MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
+        visuals = self.reconstruction_visuals(imgs, pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
+                                              case_id=first_case_id(batch))
+        return MethodOutput(loss, metrics, visuals)
 
 
 __all__ = ["MedIM", "finding_groups", "finding_loss", "patch_statistics", "same_domain", "word_region_scores",

@@ -34,8 +34,18 @@ from raymim.masking.multilevel import MiMLevel, mim_levels
 from raymim.masking.tokens import TokenMask
 from raymim.methods.base import MethodOutput, register_method
 from raymim.methods.losses import cross_level_infonce
-from raymim.methods.mae import MAE
+from raymim.methods.mae import MAE, first_case_id
 from raymim.models.heads import ProjectionHead
+
+
+def level_label(index: int, level: MiMLevel) -> str:
+    """Panel row label of level ``index`` (0-based): the crop side of its first volume (image voxels,
+    from ``level.boxes``) and the network input side it was resized to."""
+    z0, _, _, z1, _, _ = (int(v) for v in level.boxes[0, 0])
+    size = int(level.volumes.shape[-1])
+    where = f" of a masked level-{index} cube" if index else ""
+    resized = f", resized to {size}^3" if z1 - z0 != size else " (network input size)"
+    return f"level {index + 1}: {z1 - z0}^3 crop{where}{resized}"
 
 
 @register_method("mim")
@@ -112,8 +122,10 @@ class MiM(MAE):
             volumes_per_sample=float(sum(lv.boxes.shape[1] for lv in levels)),
         )
         visuals: dict[str, torch.Tensor] = {}
+        case_id = first_case_id(batch)
         for i, lv in enumerate(levels):
-            panels = self.reconstruction_visuals(lv.volumes, preds[i].detach(), lv.mask.mask)
+            panels = self.reconstruction_visuals(lv.volumes, preds[i].detach(), lv.mask.mask, label=level_label(i, lv),
+                                                 case_id=case_id)
             if i == 0:
                 visuals.update(panels)  # plain "input" / "masked" / "recon" like MAE
             visuals.update({f"l{i + 1}/{k}": v for k, v in panels.items()})

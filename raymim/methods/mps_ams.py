@@ -46,6 +46,7 @@ from raymim.masking.schedules import mask_ratio_at
 from raymim.masking.selection import kmeans, lesion_scores, mps_masking, prior_token_scores, standardize
 from raymim.masking.tokens import TokenMask, random_masking
 from raymim.methods.base import MethodOutput, register_method
+from raymim.methods.mae import first_case_id, input_label
 from raymim.methods.mim import MiM
 
 
@@ -168,7 +169,9 @@ class MPSAMS(MiM):
             loss = self.forward_loss(imgs, pred, tm.mask)
             metrics = {"loss": float(loss.detach()), "loss_rec": float(loss.detach()),
                        "mask_ratio": float(tm.mask.mean())}
-            out = MethodOutput(loss, metrics, self.reconstruction_visuals(imgs, pred.detach(), tm.mask))
+            visuals = self.reconstruction_visuals(imgs, pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
+                                                  case_id=first_case_id(batch))
+            out = MethodOutput(loss, metrics, visuals)
         out.metrics.update(self._stats, mask_ratio_target=ratio)
         return out
 

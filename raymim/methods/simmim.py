@@ -31,6 +31,7 @@ from raymim.config import RaymimConfig
 from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, patchify, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import denormalize_patches, masked_recon_loss, patch_targets
+from raymim.methods.mae import first_case_id, input_label, masked_visuals
 from raymim.models.heads import LinearHead, PixelShuffleHead
 from raymim.models.registry import build_encoder
 
@@ -104,9 +105,6 @@ class SimMIM(PretrainMethod):
             shown = denormalize_patches(pred, imgs, self.patch) if self.config.method.norm_pix_loss else pred
             recon = unpatchify(shown, self.patch, self.grid, imgs.shape[1])
             vox = mask_to_volume(tm.mask, self.grid, imgs.shape[2:])
-            visuals = {
-                "input": self.panel(imgs),
-                "masked": self.panel(imgs * (1.0 - vox)),
-                "recon": self.panel(recon * vox + imgs * (1.0 - vox)),
-            }
+            visuals = masked_visuals(imgs, recon, vox, label=input_label(batch["image"], imgs),
+                                     case_id=first_case_id(batch))
         return MethodOutput(loss, metrics, visuals)

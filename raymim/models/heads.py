@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +48,9 @@ class MAEDecoder(nn.Module):
             raise ValueError(f"hidden_size should be divisible by 6 (3D sin-cos positions), got {hidden_size}.")
         self.embed = nn.Linear(in_dim, hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.pos_embed = build_sincos_position_embedding(list(grid), hidden_size, 3)  # fixed, [1, L, hidden]
+        with warnings.catch_warnings():  # MONAI 1.6 calls torch.meshgrid without `indexing` (torch warns)
+            warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
+            self.pos_embed = build_sincos_position_embedding(list(grid), hidden_size, 3)  # fixed, [1, L, hidden]
         self.blocks = nn.ModuleList(
             TransformerBlock(hidden_size, 4 * hidden_size, num_heads, 0.0, qkv_bias=True) for _ in range(num_layers)
         )

@@ -39,4 +39,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
           f"{res.final_loss:.4f} at the end")
     print(f"MLflow run {res.mlflow_run_id} at {res.tracking_uri}")
     print(f"checkpoint: {res.checkpoint_path}")
+    print("next:")
+    print(f"  raymim finetune --pretrained {res.checkpoint_path} --data LABELLED_MANIFEST  # pretrained vs scratch")
+    print(f"  raymim export --checkpoint {res.checkpoint_path} --format monai-bundle --out exported/")
+    print(f"  mlflow ui --backend-store-uri {res.tracking_uri}  # then open http://127.0.0.1:5000")
     return 0

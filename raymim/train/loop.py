@@ -24,6 +24,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +37,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from raymim.config import RaymimConfig, config_from_dict
 from raymim.train import checkpoint as ckpt
 from raymim.train.augment import augment_batch, build_augment
+from raymim.train.reporting import say
 from raymim.train.schedule import (
     autocast,
     build_optimizer,
@@ -59,7 +61,9 @@ class BatchCollate(NumpyBatchCollateFn):
                 continue
             arr = np.asarray(value)
             if arr.dtype.kind in "fiub":
-                out[key] = torch.as_tensor(arr)
+                with warnings.catch_warnings():  # Arrow buffers are read-only; the batch is never written
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    out[key] = torch.as_tensor(arr)
             else:
                 out[key] = [None if v is None else str(v) for v in arr.tolist()]
         out["image"] = out["image"].float().unsqueeze(1)
@@ -109,7 +113,7 @@ def _restore_state(run_dir: str | None, cfg: RaymimConfig) -> dict[str, Any] | N
         except ckpt.CheckpointMismatchError:
             raise
         except Exception as exc:  # noqa: BLE001 - partly written when its writer died
-            print(f"[raymim] ignoring unreadable checkpoint {d}: {exc}", flush=True)
+            say(f"[raymim] ignoring unreadable checkpoint {d}: {exc}")
     return max(states, key=lambda s: int(s["step"])) if states else None
 
 
@@ -139,8 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
 
     # One line per rank, so job output shows where the workers ran (multi-node checks read it).
-    print(f"[raymim] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
-          f"device {device}", flush=True)
+    say(f"[raymim] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
+        f"device {device}")
     precision = resolve_precision(tc.precision, device)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank

@@ -6,6 +6,7 @@ call it unconditionally.
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +15,16 @@ import torch
 
 from raymim.config import RaymimConfig, dump_yaml
 from raymim.train.checkpoint import CONFIG_FILE, ENCODER_FILE
+
+
+def say(message: str) -> None:
+    """One console line from a Train worker, printed once. Ray Train V2 patches ``print`` on its
+    workers to tee into a logger that reaches the driver as well, so a plain ``print`` shows up
+    twice in the job's output; this writes to the process's real stdout, which Ray forwards once."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
 
 PERF_METRICS = ("samples_per_s", "data_wait_frac")
 _LEVEL_TERM = re.compile(r"^(loss_[a-z]+)_l(\d+)$")
@@ -61,15 +72,15 @@ class RankZeroLogger:
 
     def note_start(self) -> None:
         if self.active:
-            print(f"[raymim] pretraining {self.cfg.method.name} ({self.cfg.model.backbone}) "
-                  f"for {self.cfg.train.steps} steps", flush=True)
+            say(f"[raymim] pretraining {self.cfg.method.name} ({self.cfg.model.backbone}) "
+                f"for {self.cfg.train.steps} steps")
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
         show = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in
                         ("loss", "loss_rec", "loss_align", "mask_ratio", "lr", "samples_per_s", "data_wait_frac"))
-        print(f"[raymim] step {step}/{self.cfg.train.steps} {show}", flush=True)
+        say(f"[raymim] step {step}/{self.cfg.train.steps} {show}")
         if self.client is None:
             return
         from mlflow.entities import Metric
@@ -113,5 +124,4 @@ class RankZeroLogger:
             torch.save(encoder_state, Path(tmp) / ENCODER_FILE)
             (Path(tmp) / CONFIG_FILE).write_text(dump_yaml(self.cfg))
             self.client.log_artifacts(self.run_id, tmp, artifact_path="encoder")
-        print(f"[raymim] finished in {time.time() - self._t0:.0f}s; encoder logged to runs:/{self.run_id}/encoder",
-              flush=True)
+        say(f"[raymim] finished in {time.time() - self._t0:.0f}s; encoder logged to runs:/{self.run_id}/encoder")

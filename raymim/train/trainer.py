@@ -224,6 +224,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
     ``parent_run_id``: nest the MLflow run under this one (a sweep's parent run).
     """
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -253,6 +254,9 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         probe, held = build_probe(data, cfg)
         if held:
             print(f"[raymim] probe: {len(probe)} crops of {len(held)} case(s) held out of pretraining", flush=True)
+        # Ray Data's own progress bars are off inside training: they redraw per block (tens of
+        # thousands of lines when stderr is a file) and say nothing the step lines do not.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         dataset, repeat = build_dataset(data, cfg, exclude=held)
         resources = {"CPU": tc.cpus_per_worker}
         if tc.use_gpu:

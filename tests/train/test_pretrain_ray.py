@@ -73,14 +73,22 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        _wait_for(lambda: any((storage / name).glob("checkpoint_*/meta.json")), 300, "the first checkpoint")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
-        proc.wait()
+    console = tmp_path / "console.txt"  # stdout and stderr to a file, as under nohup / CI / `ray job logs`
+    with open(console, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for(lambda: any((storage / name).glob("checkpoint_*/meta.json")), 300, "the first checkpoint")
+            time.sleep(2)  # let the step lines of the checkpoint interval reach the driver
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
+            proc.wait()
     time.sleep(3)  # let Ray reap the run's controller and workers
+    lines = console.read_text(errors="replace").splitlines()
+    ours = [ln for ln in lines if "[raymim]" in ln]
+    assert len(ours) == len(set(ours)), f"duplicated console lines: {ours}"
+    assert sum("[raymim] pretraining mae" in ln for ln in lines) == 1, ours
+    assert any("[raymim] step 4/" in ln for ln in lines), ours
+    assert len(lines) < 150, f"{len(lines)} console lines for {every} steps (progress-bar redraws?)"
 
     cfg = load_config(TINY, overrides)
     res = pretrain(cfg, str(shards), name=name, storage=str(storage))
