@@ -405,6 +405,10 @@ class MlflowConfig:
     experiment: str = "raymim"
     # None: $MLFLOW_TRACKING_URI, else a local SQLite store under the run directory.
     tracking_uri: str | None = None
+    # Register each finished pretraining run's encoder in the Model Registry under this name
+    # (None: the run name; Tune trials are not registered), as `models:/<name>/<version>`.
+    registered_model: str | None = None
+    register: bool = True
 
 
 @dataclass

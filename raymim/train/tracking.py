@@ -43,10 +43,91 @@ def setup_experiment(name: str, uri: str | None = None, root: str | Path | None 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        exp_id = client.create_experiment(name, artifact_location=_artifact_root(uri))
+        exp_id = client.create_experiment(name, artifact_location=_artifact_root(uri),
+                                          tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     else:
         exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return exp_id
+
+
+# The MLflow UI opens an experiment in its model-training view (runs, metrics) rather than its
+# GenAI view (traces, latency) when the experiment carries this tag.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def git_commit() -> str | None:
+    """The commit of the raymim checkout in use (None for an installed wheel or without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags for the code version (``mlflow.source.git.commit``)."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit} if commit else {}
+
+
+def log_shards_input(client: Any, run_id: str, data: str) -> str | None:
+    """Record prepared shards as the run's MLflow dataset input (context ``train``), with a digest
+    of their ``manifest.json`` (config hash, counts, commit records), so two runs on the same
+    shards show the same dataset. Returns the digest; raw-scan (streaming) inputs are not logged."""
+    import hashlib
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    manifest = Path(data) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    source = resolve_dataset_source(str(Path(data).resolve()))
+    dataset = Dataset(name=Path(data).resolve().name, digest=digest, source_type=source._get_source_type(),
+                      source=source.to_json())
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
+    return digest
+
+
+def register_encoder(client: Any, run_id: str, name: str) -> str | None:
+    """Register the run's ``encoder/`` artifact folder (``encoder.pt`` + ``config.yaml``) as a
+    version of the registered model ``name``, so ``raymim finetune --pretrained
+    models:/<name>/<version>`` works. Returns the version."""
+    import mlflow
+
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, tags={"raymim.kind": "encoder"},
+                                       description="raymim pretrained encoder (encoder.pt state dict + config.yaml)")
+    run = client.get_run(run_id)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/encoder", run_id=run_id,
+                                          tags={"raymim.method": run.data.tags.get("raymim.method", "")})
+    return str(version.version)
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, uri: str) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with ``nvidia-ml-py``) for
+    ``run_id`` while the block runs, sampled on this (driver) node."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
+        monitor.start()
+    except Exception:  # noqa: BLE001 - psutil missing or the monitor cannot start: train anyway
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def find_run(experiment_id: str, run_name: str, uri: str, parent_run_id: str | None = None) -> str | None:

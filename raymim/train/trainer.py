@@ -24,9 +24,13 @@ from raymim.train.tracking import (
     DEFAULT_ROOT,
     find_run,
     log_params_flat,
+    log_shards_input,
+    register_encoder,
     resolve_tracking_uri,
     run_status,
     setup_experiment,
+    source_tags,
+    system_metrics,
 )
 
 # Shard columns a method may use besides the image; only those present are read.
@@ -193,7 +197,8 @@ def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | No
     client = mlflow.MlflowClient(uri)
     run_id = find_run(exp_id, name, uri, parent_run_id)
     if run_id is None:
-        tags = {"raymim.kind": "pretrain", "raymim.method": cfg.method.name, "raymim.backbone": cfg.model.backbone}
+        tags = {"raymim.kind": "pretrain", "raymim.method": cfg.method.name, "raymim.backbone": cfg.model.backbone,
+                **source_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, run_name=name, tags=tags)
@@ -203,6 +208,9 @@ def _mlflow_run(cfg: RaymimConfig, name: str, data: str, parent_run_id: str | No
         client.set_tag(run_id, "raymim.resumed", "true")
     log_params_flat(client, run_id, {**flatten(cfg), "data": Path(data).name})
     client.set_tag(run_id, "raymim.data_path", _local_path(data))  # the overlap check of raymim finetune
+    digest = log_shards_input(client, run_id, data)
+    if digest:
+        client.set_tag(run_id, "raymim.data_digest", digest)
     return uri, run_id
 
 
@@ -279,7 +287,12 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
             ),
             datasets={"train": dataset},
         )
-        result = trainer.fit()
+        with system_metrics(run_id, uri):
+            result = trainer.fit()
+        if cfg.mlflow.register and parent_run_id is None:
+            model = cfg.mlflow.registered_model or name
+            version = register_encoder(client, run_id, model)
+            print(f"[raymim] encoder registered as models:/{model}/{version}", flush=True)
     prune_orphan_checkpoints(storage, name)
     first, final = _metric_endpoints(uri, run_id)
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
