@@ -246,7 +246,9 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
     if latest:
         print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        quiet = os.environ.get("RAYMIM_QUIET") == "1"  # `raymim pretrain --quiet`
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=not quiet,
+                 logging_level=os.environ.get("RAYMIM_LOG_LEVEL", "WARNING" if quiet else "INFO").upper())
     uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
     import mlflow
 
