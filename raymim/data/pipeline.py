@@ -150,7 +150,7 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     import ray
 
     start = time.perf_counter()
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # Ray workers run in another working directory
     try:
         cases = discover_cases(input)
     except ValueError as exc:

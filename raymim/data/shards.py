@@ -177,7 +177,7 @@ def shard_files(path: str | os.PathLike) -> list[str]:
     if p.is_file():
         return [str(p)]
     folder = p / SHARDS_DIR if (p / SHARDS_DIR).is_dir() else p
-    files = sorted(str(f) for f in folder.glob("*.parquet") if not f.name.startswith("."))
+    files = sorted(str(f.resolve()) for f in folder.glob("*.parquet") if not f.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"no shards found in {str(path)!r}.")
     return files

@@ -91,6 +91,21 @@ def vit_num_layers(state: Mapping[str, torch.Tensor]) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def vit_layout(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """What a ViT encoder state (MONAI ``ViT`` key layout, see :func:`normalize_vit_state`) holds:
+    ``num_layers``, ``patch_size`` (a 3-tuple, or None without a conv patch embedding),
+    ``hidden_size`` and ``mlp_dim`` (None when the keys are absent)."""
+    pos = state.get("patch_embedding.position_embeddings")
+    weight = state.get("patch_embedding.patch_embeddings.weight")
+    fc1 = state.get("blocks.0.mlp.linear1.weight")
+    return {
+        "num_layers": vit_num_layers(state),
+        "patch_size": tuple(int(p) for p in weight.shape[2:]) if weight is not None and weight.ndim == 5 else None,
+        "hidden_size": int(pos.shape[-1]) if pos is not None else None,
+        "mlp_dim": int(fc1.shape[0]) if fc1 is not None else None,
+    }
+
+
 def vit_grid(state: Mapping[str, torch.Tensor], grid: Sequence[int] | None = None) -> tuple[int, int, int]:
     """Token grid of a ViT state's position embeddings (a cube unless ``grid`` says otherwise)."""
     n = state["patch_embedding.position_embeddings"].shape[1]

@@ -224,6 +224,19 @@ def _metric_endpoints(uri: str, run_id: str) -> tuple[float | None, float | None
     return hist[0].value, hist[-1].value
 
 
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()``, with Ctrl-C reported as ``KeyboardInterrupt``: Ray Train V2 installs its
+    own SIGINT handler during ``fit`` that aborts the run and may ``sys.exit(0)``."""
+    try:
+        return trainer.fit()
+    except SystemExit as exc:
+        raise KeyboardInterrupt from exc
+    except Exception as exc:
+        if "abort" in str(exc).lower() and "SIGINT" in str(exc):
+            raise KeyboardInterrupt from exc
+        raise
+
+
 def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str | None = None,
              extra_callbacks: list[Any] | None = None, parent_run_id: str | None = None) -> PretrainResult:
     """Run (or resume) a pretraining run on a Ray cluster (a local one is started on demand).
@@ -290,7 +303,9 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
             datasets={"train": dataset},
         )
         with system_metrics(run_id, uri):
-            result = trainer.fit()
+            result = _fit(trainer)
+        if "://" not in storage and check_existing_checkpoints(storage, name, cfg) < tc.steps:
+            raise KeyboardInterrupt  # Ray Train returned early: its SIGINT handler aborted the run
         if cfg.mlflow.register and parent_run_id is None:
             model = cfg.mlflow.registered_model or name
             version = register_encoder(client, run_id, model)

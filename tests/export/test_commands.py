@@ -6,12 +6,16 @@ import json
 
 import pytest
 import torch
-from monai.networks.nets import UNETR, SwinUNETR
+from export_fixtures import VIT
+from monai.networks.nets import UNETR, SwinUNETR, ViT
 
 from raymim.cli import main
 from raymim.config import config_from_dict
 from raymim.downstream.networks import build_segmentation_network
 from raymim.export.bundle import build_bundle_network, check_metadata_structure, validate_bundle
+from raymim.export.commands import ExportRefused, export_checkpoint
+from raymim.export.converters import EncoderKeyError
+from raymim.train.checkpoint import write_checkpoint
 
 
 def test_export_unetr_cli(vit_checkpoint, tmp_path):
@@ -43,10 +47,95 @@ def test_export_swinunetr_cli(swin_checkpoint, tmp_path):
         torch.testing.assert_close(b.swinViT(x)[-1], ref)
 
 
-def test_export_wrong_backbone_is_an_error(vit_checkpoint, tmp_path):
+def _refused(argv, capsys) -> str:
+    """Run ``raymim export`` expecting a refusal: exit 2 and one stderr line; returns that line."""
+    capsys.readouterr()
+    assert main(["export", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymim export: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_export_wrong_backbone_is_refused(vit_checkpoint, tmp_path, capsys):
     ckpt, _ = vit_checkpoint
-    with pytest.raises(ValueError, match="model.backbone='vit'"):
-        main(["export", "--checkpoint", str(ckpt), "--format", "swinunetr", "--out", str(tmp_path / "x")])
+    out = tmp_path / "x"
+    line = _refused(["--checkpoint", str(ckpt), "--format", "swinunetr", "--out", str(out)], capsys)
+    assert "model.backbone='vit'" in line and "--format unetr or --format monai-bundle" in line
+    assert not out.exists()
+    with pytest.raises(ExportRefused, match="needs a swin encoder"):  # the Python API raises instead
+        export_checkpoint(str(ckpt), "swinunetr", out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["unetr", "monai-bundle"])
+@pytest.mark.parametrize("layers,patch,img,problem", [(2, 16, 32, "num_layers=2"), (12, 8, 32, "patch_size=8"),
+                                                       (2, 8, 32, "num_layers=2, patch_size=8")])
+def test_non_unetr_vit_is_refused_before_writing(fmt, layers, patch, img, problem, tmp_path, capsys):
+    """A ViT of another depth or patch size than MONAI UNETR's 12 / 16: one line, exit 2, no --out."""
+    torch.manual_seed(0)
+    enc = ViT(1, img, patch, hidden_size=48, mlp_dim=96, num_layers=layers, num_heads=4)
+    cfg = config_from_dict({"model": {**VIT, "patch_size": patch, "num_layers": layers}})
+    ckpt = write_checkpoint(tmp_path / "ckpt", state={}, encoder_state=enc.state_dict(), cfg=cfg, meta={})
+    out = tmp_path / "deep" / "out"
+    line = _refused(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(out)], capsys)
+    assert f"needs a 12-layer, patch-16 ViT; this encoder has {problem};" in line
+    assert "model.num_layers=12 and model.patch_size=16" in line and "raymim finetune" in line
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_export_refusals_name_what_would_work(vit_checkpoint, tmp_path, capsys):
+    ckpt, _ = vit_checkpoint
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(ckpt), "--out", str(out)]
+    line = _refused([*base, "--format", "unetr", "--img-size", "40"], capsys)
+    assert "--img-size 40 is not a multiple of the patch size 16; pass --img-size 32 or 48" in line
+    line = _refused([*base, "--format", "unetr", "--set", "model.hidden_size=96"], capsys)
+    assert "model.hidden_size=96 but the encoder's weights have hidden_size=48" in line
+    line = _refused([*base, "--format", "monai-bundle", "--schema", str(tmp_path / "no-schema.json")], capsys)
+    assert "no such file" in line
+    line = _refused(["--checkpoint", str(tmp_path / "missing"), "--format", "unetr", "--out", str(out)], capsys)
+    assert "runs:/<mlflow_run_id>/encoder" in line
+    assert not out.exists()
+    out.write_text("a file")
+    assert "is a file" in _refused([*base, "--format", "unetr"], capsys)
+
+
+def test_swin_bundle_size_and_convvit_are_refused(swin_checkpoint, tmp_path, capsys):
+    ckpt, _ = swin_checkpoint
+    out = tmp_path / "out"
+    line = _refused(["--checkpoint", str(ckpt), "--format", "monai-bundle", "--out", str(out), "--img-size", "48"],
+                    capsys)
+    assert "divisible by 32" in line and "--img-size 32 or 64" in line
+    cfg = config_from_dict({"model": {"backbone": "convvit", "img_size": 32, "patch_size": 8, "hidden_size": 48,
+                                      "mlp_dim": 96, "num_layers": 2, "num_heads": 4, "conv_channels": [8, 16]}})
+    from raymim.models import build_encoder
+
+    conv = write_checkpoint(tmp_path / "conv", state={}, encoder_state=build_encoder(cfg.model).state_dict(), cfg=cfg,
+                            meta={})
+    line = _refused(["--checkpoint", str(conv), "--format", "monai-bundle", "--out", str(out)], capsys)
+    assert "model.backbone='convvit'" in line and "raymim finetune" in line
+    assert not out.exists()
+
+
+def test_a_failure_after_the_checks_removes_the_out_folder_it_created(vit_checkpoint, tmp_path):
+    """The weights are still loaded into MONAI's class after the up-front checks; if that fails,
+    the folder the export created is removed (an existing one is left in place)."""
+    ckpt, enc = vit_checkpoint
+    state = enc.state_dict()
+    state.pop("blocks.3.attn.qkv.weight")
+    cfg = config_from_dict({"model": VIT})
+    broken = write_checkpoint(tmp_path / "broken", state={}, encoder_state=state, cfg=cfg, meta={})
+    out = tmp_path / "new"
+    with pytest.raises(EncoderKeyError, match="blocks.3.attn.qkv"):
+        export_checkpoint(str(broken), "unetr", out)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(EncoderKeyError):
+        export_checkpoint(str(broken), "monai-bundle", existing)
+    assert existing.is_dir()
 
 
 def test_monai_bundle_round_trip(vit_checkpoint, tmp_path):
