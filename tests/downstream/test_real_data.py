@@ -42,5 +42,5 @@ def test_totalsegmentator_organs(shared_data, vit_ckpt, mlflow_uri, tmp_path):
         assert 0.0 <= row["dice/mean"] <= 1.0
         assert "dice/liver" in row and "hd95/liver" in row
     run = mlflow.MlflowClient(mlflow_uri).get_run(res.parent_run_id)
-    assert run.data.metrics["f1.pretrained.dice.mean"] >= 0.0
+    assert run.data.metrics["finetune/f1.00/pretrained/dice"] >= 0.0
     assert (tmp_path / "ft" / "overlays").is_dir()
