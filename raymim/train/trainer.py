@@ -135,12 +135,13 @@ def probe_cases(counts: dict[str, int], crops: int, seed: int) -> list[str]:
     return held
 
 
-def build_probe(data: str, cfg: RaymimConfig) -> tuple[np.ndarray | None, list[str]]:
-    """``(probe crops [N, D, H, W] float32, held-out case ids)`` for ``train.probe_crops`` > 0;
-    ``(None, [])`` when the probe is off. Needs prepared shards with at least 2 cases."""
+def build_probe(data: str, cfg: RaymimConfig) -> tuple[np.ndarray | None, dict[str, int]]:
+    """``(probe crops [N, D, H, W] float32, {held-out case id: its crop count})`` for
+    ``train.probe_crops`` > 0; ``(None, {})`` when the probe is off. Needs prepared shards with at
+    least 2 cases."""
     tc = cfg.train
     if not tc.probe_crops:
-        return None, []
+        return None, {}
     if not (Path(data) / "manifest.json").is_file():
         raise ValueError("train.probe_crops needs prepared shards (raymim prepare), not raw scans: "
                          f"{data!r} has no manifest.json; set train.probe_crops=0 (and tune.scheduler=none)")
@@ -151,14 +152,15 @@ def build_probe(data: str, cfg: RaymimConfig) -> tuple[np.ndarray | None, list[s
     if not held:
         raise ValueError(f"train.probe_crops={tc.probe_crops} holds whole cases out of pretraining, but "
                          f"{data!r} has {len(counts)} case(s); prepare at least 2 or set train.probe_crops=0")
-    return read_case_images(data, held, limit=tc.probe_crops), held
+    return read_case_images(data, held, limit=tc.probe_crops), {cid: counts[cid] for cid in held}
 
 
-def build_dataset(data: str, cfg: RaymimConfig, exclude: list[str] | None = None):
+def build_dataset(data: str, cfg: RaymimConfig, exclude: dict[str, int] | None = None):
     """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans (a folder,
     glob or manifest) run through the same preparation pipeline without writing shards. Only the
     image and the optional columns a method may use are kept; the cases in ``exclude`` (the
-    probe's) are left out; shards are repeated :func:`epochs_per_pass` times per pass."""
+    probe's, with their crop counts) are left out; shards are repeated :func:`epochs_per_pass`
+    times per pass."""
     path = Path(data)
     rows = None
     if (path / "manifest.json").is_file():
@@ -169,11 +171,8 @@ def build_dataset(data: str, cfg: RaymimConfig, exclude: list[str] | None = None
         if exclude:
             from ray.data.expressions import col
 
-            from raymim.data.shards import case_crop_counts
-
-            counts = case_crop_counts(str(path))
-            ds = ds.filter(expr=col("case_id").not_in(list(exclude)))
-            rows = sum(n for c, n in counts.items() if c not in set(exclude))
+            ds = ds.filter(expr=col("case_id").not_in(sorted(exclude)))
+            rows = rows - sum(exclude.values()) if rows else None
     else:
         from raymim.data.pipeline import crop_dataset
 
