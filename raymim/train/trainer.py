@@ -79,9 +79,20 @@ def check_existing_checkpoints(storage: str, name: str, cfg: RaymimConfig) -> in
     return latest
 
 
+def _ckpt_step(d: Path) -> int:
+    try:
+        return int(d.name.removeprefix("checkpoint_step"))
+    except ValueError:
+        return -1
+
+
 def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
     """Delete checkpoint folders Ray Train's run snapshot does not list (left by a driver killed
-    between writing a checkpoint and recording it), so ``keep_checkpoints`` holds on disk too."""
+    between writing a checkpoint and recording it), so ``keep_checkpoints`` holds on disk too.
+
+    An unlisted checkpoint *newer* than every listed one is kept: it holds the most progress (a
+    killed driver's workers may outlive it for a while and write further checkpoints, which the
+    next run resumes from), and deleting it would lose work."""
     if "://" in storage:
         return []
     import shutil
@@ -91,9 +102,10 @@ def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
     if not snapshot.is_file():
         return []
     known = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])}
+    newest_known = max((_ckpt_step(Path(k)) for k in known), default=-1)
     removed = []
     for d in sorted(run_dir.glob("checkpoint_*")):
-        if d.is_dir() and d.name not in known:
+        if d.is_dir() and d.name not in known and _ckpt_step(d) < newest_known:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d.name)
     return removed

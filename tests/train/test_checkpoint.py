@@ -51,3 +51,20 @@ def test_mismatched_config_refused(tmp_path):
 def test_missing_pretrained_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained(tmp_path / "nope")
+
+
+def test_prune_keeps_unlisted_checkpoints_newer_than_the_snapshot(tmp_path):
+    """A killed driver's workers may write checkpoints Ray Train never records; older ones are
+    orphans (deleted), newer ones hold the most progress (kept: the next run resumes from them)."""
+    import json
+
+    from raymim.train.trainer import prune_orphan_checkpoints
+
+    run = tmp_path / "run"
+    for step in (2, 4, 8, 12):
+        (run / f"checkpoint_step{step:08d}").mkdir(parents=True)
+    listed = [{"checkpoint_dir_name": f"checkpoint_step{s:08d}"} for s in (4, 8)]
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": listed}))
+    assert prune_orphan_checkpoints(str(tmp_path), "run") == ["checkpoint_step00000002"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "checkpoint_step00000004", "checkpoint_step00000008", "checkpoint_step00000012"]

@@ -61,6 +61,21 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker actors (Ray titles their processes ``ray::RayTrainWorker...``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
 def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, tmp_path):
     import mlflow
 
@@ -82,7 +97,9 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
             proc.wait()
-    time.sleep(3)  # let Ray reap the run's controller and workers
+    # Ray reaps the dead driver's controller and workers within seconds, longer on a loaded box;
+    # until then they keep training and checkpointing into the run folder
+    _wait_for(lambda: not _train_worker_pids(), 120, "the killed run's workers to exit")
     lines = console.read_text(errors="replace").splitlines()
     ours = [ln for ln in lines if "[raymim]" in ln]
     assert len(ours) == len(set(ours)), f"duplicated console lines: {ours}"
@@ -122,21 +139,6 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
     with pytest.raises(CheckpointMismatchError):
         pretrain(load_config(TINY, overrides + ["method.mask_ratio=0.5"]), str(shards), name=name,
                  storage=str(storage))
-
-
-def _train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker actors (Ray titles their processes ``ray::RayTrainWorker...``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(int(proc.name))
-    return sorted(pids)
 
 
 def test_killed_worker_restarts_from_latest_checkpoint(ray_session, shards, tmp_path):
