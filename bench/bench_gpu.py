@@ -1,6 +1,6 @@
 """GPU path, mixed precision and throughput of every method at the paper shape (ViT-B, 96^3, patch 16).
 
-Needs a CUDA GPU; imports only ``raymim.config``, ``raymim.methods`` and
+Needs a CUDA GPU; imports only ``raymim.config``, ``raymim.methods``, ``raymim.data.synth`` and
 ``raymim.train.schedule`` (no Ray, no MLflow), so it runs where only torch, MONAI and nibabel
 are installed. One training step = forward + backward + AdamW step on a batch of ``--batch``
 phantom crops, with the same precision helpers the Ray Train loop uses
@@ -19,7 +19,7 @@ Per method, for fp32 and bf16 (``precision="auto"`` resolves to bf16 on Hopper):
 
 Baselines, same run: bf16 vs fp32 (speed-up ratio) and each method vs MAE at the same precision.
 
-Run (on the lent GPU machine; results go to bench/RESULTS.md and bench/results/ by hand)::
+Run (on the lent GPU machine; results go to a dated file in bench/results/ and bench/RESULTS.md by hand)::
 
     python3 bench/bench_gpu.py --batch 8 --reps 20 --json gpu.json
     python3 bench/bench_gpu.py --batch 8,32 --cases mae,mae-compiled,mim,medim-kdm --no-fit
@@ -32,19 +32,15 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig  # noqa: E402
-from raymim.methods import build_method  # noqa: E402
-from raymim.train.schedule import autocast, build_scaler, resolve_precision  # noqa: E402
-from tests.methods.phantoms import phantom_batch  # noqa: E402
+from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.data.synth import phantom_batch
+from raymim.methods import build_method
+from raymim.train.schedule import autocast, build_scaler, resolve_precision
 
 VIT_B = dict(hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12)  # decoder: the package default
 

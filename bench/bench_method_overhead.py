@@ -26,7 +26,8 @@ split by top-level submodule (forward hooks) of each variant, and the cost of ea
 online MPS scoring (embedding / encoder pass, standardisation, k-means seeding and Lloyd
 iterations, nearest-centre assignment, scores, masking).
 
-Run (CPU; results go to bench/RESULTS.md by hand; each command takes 5-7 minutes on 2 cores)::
+Run (CPU; results go to a dated file in bench/results/ and bench/RESULTS.md by hand; each command
+takes 5-7 minutes on 2 cores)::
 
     .venv/bin/python bench/bench_method_overhead.py --threads 1 --shapes tiny,tiny-p8 --reps-tiny 20 --breakdown
     .venv/bin/python bench/bench_method_overhead.py --threads 1 --shapes vit-b --reps-base 3 --breakdown
@@ -47,7 +48,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import numpy as np
 import torch
 
 from raymim.config import MethodConfig, ModelConfig, RaymimConfig
@@ -106,12 +106,9 @@ def make_image(size: int, kind: str) -> torch.Tensor:
     """[BATCH, 1, size^3] in [0, 1]: phantom CT volumes (HU window -1000..1000) or uniform noise."""
     if kind == "rand":
         return torch.rand(BATCH, 1, size, size, size, generator=torch.Generator().manual_seed(0))
-    from raymim.data.synth import _phantom  # in-memory phantom (same generator as `raymim synth`)
+    from raymim.data.synth import phantom_batch  # in-memory phantoms (same generator as `raymim synth`)
 
-    rng = np.random.default_rng(0)
-    vols = [_phantom(rng, size, site)[0].astype(np.float32) for site in range(BATCH)]
-    x = np.clip((np.stack(vols)[:, None] + 1000.0) / 2000.0, 0.0, 1.0)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return phantom_batch(BATCH, size, seed=0)[0]
 
 
 class Trainer:
@@ -138,7 +135,7 @@ class Trainer:
             self.last_metrics = out.metrics
 
 
-def _time_pair(fn_a: Callable[[], None], fn_b: Callable[[], None], reps: int) -> tuple[list[float], list[float]]:
+def time_pair(fn_a: Callable[[], None], fn_b: Callable[[], None], reps: int) -> tuple[list[float], list[float]]:
     """Interleaved timings (a, b, a, b, ...): all ``reps`` of each (the callers warm up)."""
     ta, tb = [], []
     for _ in range(reps):
@@ -165,7 +162,7 @@ def time_variant(shape: str, variant: str, base: Trainer, img: torch.Tensor, rep
     batch = {"image": img, "report": list(REPORTS)} if with_report else {"image": img}
     tr = Trainer(shape, name, kw, batch)
     # n consecutive steps hold exactly one step number divisible by mps_every=n: one refit per block.
-    t_var, t_mae = _time_pair(lambda: tr.steps(n), lambda: base.steps(n), reps)
+    t_var, t_mae = time_pair(lambda: tr.steps(n), lambda: base.steps(n), reps)
     v = [t / n for t in t_var]
     m = [t / n for t in t_mae]
     row = {

@@ -8,7 +8,7 @@
    paper shapes (96^3 input, ViT-B, MiM with L=3, gamma=4, level sizes 384/96/16), counted with
    ``torch.utils.flop_counter.FlopCounterMode``, with the measured step time beside them.
 
-Run (CPU, results go to bench/RESULTS.md by hand)::
+Run (CPU; results go to a dated file in bench/results/ and bench/RESULTS.md by hand)::
 
     .venv/bin/python bench/bench_methods.py --threads 2 --reps-tiny 10 --reps-base 3
 """
@@ -21,7 +21,7 @@ import platform
 import time
 
 import torch
-from bench_method_overhead import _time_pair as interleaved_times  # bench/ is on sys.path when run as a script
+from bench_method_overhead import time_pair as interleaved_times  # bench/ is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 
 from raymim.config import MethodConfig, ModelConfig, RaymimConfig
@@ -86,7 +86,7 @@ def method_flops(name: str, backbone: str) -> dict:
         "step_s": step,
         "params_m": params,
         "encoder_params_m": enc_params,
-        "volumes_per_sample": out.metrics.get("volumes_per_sample", 1.0),
+        "volumes_per_sample": float(out.metrics.get("volumes_per_sample", 1.0)),  # metrics are 0-d tensors
     }
 
 

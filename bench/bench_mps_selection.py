@@ -21,20 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raymim.config import PrepareConfig
+from raymim.data.patch_stats import fit_prior, lesion_prob, patch_descriptors
+from raymim.data.synth import phantom_batch
+from raymim.masking.selection import lesion_token_mask, mps_masking
+from raymim.masking.tokens import random_masking
 
-from raymim.config import PrepareConfig  # noqa: E402
-from raymim.data.patch_stats import fit_prior, lesion_prob, patch_descriptors  # noqa: E402
-from raymim.masking.selection import lesion_token_mask, mps_masking  # noqa: E402
-from raymim.masking.tokens import random_masking  # noqa: E402
-from tests.methods.phantoms import lesion_masking_factor, phantom_batch  # noqa: E402
+
+def lesion_masking_factor(mask: torch.Tensor, lesion: torch.Tensor, ratio: float) -> float:
+    """P(masked | token holds a lesion voxel) over the rate of random masking (= ratio); mask, lesion: [N, L]."""
+    return float((mask.bool() & lesion).sum() / lesion.sum()) / ratio
 
 
 def main() -> None:

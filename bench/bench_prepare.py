@@ -41,11 +41,11 @@ def _baseline(manifest: Path, out: Path, cfg, key: bytes) -> float:
 
     start = time.perf_counter()
     rows: list = []
-    sch = shards.schema(cfg.crop_size, cfg.dtype)
+    sch = shards.schema(cfg.dtype)
     loader = DataLoader(Cases(), batch_size=None, num_workers=2, collate_fn=lambda x: x)
-    for i, case_rows in enumerate(loader):
-        rows += case_rows
-        if sum(r["image"].nbytes for r in rows) >= cfg.shard_mb << 20 or i == len(cases) - 1:
+    for i, volume in enumerate(loader):
+        rows += [volume] if volume is not None else []
+        if rows and (sum(r["image"].nbytes for r in rows) >= cfg.shard_mb << 20 or i == len(cases) - 1):
             shards.write_shard(shards.rows_to_table(rows, sch), out / f"part-{i}.parquet", {"cases": []})
             rows = []
     return time.perf_counter() - start
@@ -62,10 +62,12 @@ def _decode(path_json: str) -> dict:
 
 
 def _timed_decode(cases: list[dict]) -> float:
-    from raymim.data.pipeline import _cases_dataset
+    import ray
 
     start = time.perf_counter()
-    ds = _cases_dataset(cases, 1).map(lambda r: {"n": _decode(r["case"])["n"][0]}, num_cpus=1)
+    items = [{"case": json.dumps(c)} for c in cases]  # one case per block, as `prepare` plans its tasks
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(lambda r: {"n": _decode(r["case"])["n"][0]}, num_cpus=1)
     ds.materialize()
     return time.perf_counter() - start
 

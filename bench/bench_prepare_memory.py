@@ -106,7 +106,7 @@ def _child(manifest: str, warm: str, out: str, shard_mb: int, crop: int) -> None
     sampler.join()
     mb = 1 / 2**20
     print("RESULT " + json.dumps({
-        "cases": summary["cases"], "ok": summary["ok"], "crops": summary["crops"], "shards": summary["shards"],
+        "cases": summary["cases"], "ok": summary["ok"], "volumes": summary["volumes"], "shards": summary["shards"],
         "seconds": summary["seconds"], "baseline_pss_mb": round(base_pss * mb),
         "peak_pss_mb": round(sampler.peak_pss * mb),
         "baseline_rss_mb": round(base_rss * mb), "peak_rss_mb": round(sampler.peak_rss * mb),

@@ -1,4 +1,4 @@
-"""The ``raymim`` command line: synth, prepare, pretrain, finetune, tune, export, demo.
+"""The ``raymim`` command line: synth, prepare, inspect, pretrain, finetune, tune, export, demo.
 
 Each subcommand lives beside the code it drives (``raymim/data/commands.py`` and so on) and
 exposes ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. The module is imported
@@ -19,7 +19,8 @@ from pathlib import Path
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("raymim.data.commands", "generate CT-like phantoms with lesions, labels, reports and domains"),
-    "prepare": ("raymim.data.commands", "turn scans into de-identified crops in Parquet shards (Ray Data)"),
+    "prepare": ("raymim.data.commands", "turn scans into de-identified preprocessed volumes in Parquet shards"),
+    "inspect": ("raymim.data.inspect", "show prepared shards and crops sampled as training will draw them"),
     "pretrain": ("raymim.train.commands", "pretrain an encoder with a registered method (Ray Train)"),
     "finetune": ("raymim.downstream.commands", "fine-tune segmentation on a label fraction vs scratch"),
     "tune": ("raymim.tune.commands", "sweep hyperparameters with Ray Tune, scored downstream"),

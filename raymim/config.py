@@ -52,37 +52,52 @@ def _check_positive(name: str, value: float) -> None:
 
 @dataclass
 class PrepareConfig:
-    """How raw scans become fixed-size crops in Parquet shards (``raymim prepare``)."""
+    """How raw scans become shards of preprocessed volumes (``raymim prepare``), and how training
+    draws crops from them (the crop sampler, :mod:`raymim.data.crops`).
+
+    Stored per volume: reoriented to ``orientation``, resampled to ``spacing``, windowed to
+    [0, 1] (``modality``), cropped to the body (``crop_foreground``), in ``dtype``. The crop
+    fields (``crop_size``, ``crops_per_volume``, ``min_foreground``, ``crop_pos_fraction``) are
+    read at *training* time: every pass draws ``crops_per_volume`` fresh crops per volume read,
+    seeded by (``train.seed``, pass, volume); ``raymim prepare`` only pads volumes smaller than
+    ``crop_size``. Streaming mode (pretraining from raw scans) runs the same preprocessing and
+    the same sampler without writing shards.
+    """
 
     orientation: str = "RAS"
-    # Target voxel spacing in mm (x, y, z); None keeps each scan's own spacing.
-    spacing: list[float] | None = None
+    # Target voxel spacing in mm (x, y, z): MiM's 1.5 x 1.5 x 2.0 by default, so a 96^3 crop covers
+    # 144 x 144 x 192 mm on every scan; null keeps each scan's native grid.
+    spacing: list[float] | None = field(default_factory=lambda: [1.5, 1.5, 2.0])
     # "ct": HU window then scale to [0, 1]; "mr": percentile clip then scale; "auto": by range.
     modality: str = "auto"
     ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
     mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     crop_foreground: bool = True
+    # Crop sampler (training time): crop side in voxels of the stored grid, crops per volume read
+    # (amortises the read), and the foreground fraction a uniformly drawn crop must reach.
     crop_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     crops_per_volume: int = 4
-    # "random": crops_per_volume random crops (seeded per case); "grid": a regular grid.
-    crop_mode: str = "random"
-    # Grid step in voxels for crop_mode="grid" (None: the crop size, i.e. non-overlapping tiles).
-    crop_stride: list[int] | None = None
     min_foreground: float = 0.05
-    # Stored dtype of the image tensor column. float16 keeps ~3 significant digits on [0, 1]
+    # Positive / negative sampling by label (MONAI RandCropByPosNegLabeld, pos / (pos + neg)): the
+    # share of crops centred on a label voxel; null draws uniform origins (pretraining).
+    crop_pos_fraction: float | None = None
+    # Stored dtype of the volumes. float16 keeps ~3 significant digits on [0, 1]
     # (a 2000 HU window -> ~1 HU resolution), half the bytes of float32.
     dtype: str = "float16"
-    shard_mb: int = 128
+    shard_mb: int = 128  # volumes per shard file: about this many MB (one Parquet row group each)
     max_rejected: float = 0.2
-    seed: int = 0
-    # MPS prior mode (raymim.data.patch_stats): store a per-patch ``lesion_prob`` grid per crop,
-    # from intensity + blobness descriptors clustered with scikit-learn ("kmeans", or the
-    # paper's ablation choices "agglomerative" / "dbscan" with ``prior_eps``).
+    # Largest volume read (voxels in the header), checked before decoding: 1 Gi voxels = 4 GiB as float32.
+    max_voxels: int = 1 << 30
+    seed: int = 0  # the MPS prior fit's sampling / clustering seed (crops use train.seed)
+    # MPS prior mode (raymim.data.patch_stats): store a per-patch ``lesion_prob`` grid per volume
+    # (aligned with it: patch (i, j, k) covers voxels [p i, p i + p) ...; crops are cut on multiples of
+    # ``prior_patch`` and take their sub-grid), from intensity + blobness descriptors clustered with
+    # scikit-learn ("kmeans", or the paper's ablation choices "agglomerative" / "dbscan" with ``prior_eps``).
     lesion_prior: bool = False
     prior_patch: int = 8
     # "population": cluster the patches of ``prior_fit_cases`` sampled cases once (normal anatomy),
     # lesion cluster = patches beyond the ``prior_quantile`` distance to every normal centre;
-    # "volume": the paper's per-image clustering, most atypical cluster of each crop.
+    # "volume": the paper's per-image clustering, most atypical cluster of each volume.
     prior_scope: str = "population"
     prior_clusters: int | None = None  # None: 32 for "population", 4 for "volume"
     prior_algorithm: str = "kmeans"
@@ -100,14 +115,13 @@ class PrepareConfig:
         if len(self.crop_size) != 3 or any(int(s) < 8 for s in self.crop_size):
             raise ValueError(f"prepare.crop_size should be three sizes >= 8, got {self.crop_size}.")
         _check_positive("prepare.crops_per_volume", self.crops_per_volume)
-        _check_choice("prepare.crop_mode", self.crop_mode, ("random", "grid"))
-        stride = self.crop_stride
-        if stride is not None and (len(stride) != 3 or any(int(s) < 1 for s in stride)):
-            raise ValueError(f"prepare.crop_stride should be three positive sizes or null, got {self.crop_stride}.")
+        if self.crop_pos_fraction is not None:
+            _check_range("prepare.crop_pos_fraction", self.crop_pos_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("prepare.min_foreground", self.min_foreground, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_choice("prepare.dtype", self.dtype, ("float16", "float32", "uint8"))
         _check_positive("prepare.shard_mb", self.shard_mb)
         _check_range("prepare.max_rejected", self.max_rejected, 0.0, 1.0, lo_open=False, hi_open=False)
+        _check_positive("prepare.max_voxels", self.max_voxels)
         _check_positive("prepare.prior_patch", self.prior_patch)
         if self.lesion_prior and any(int(s) % int(self.prior_patch) for s in self.crop_size):
             raise ValueError(f"prepare.prior_patch should divide prepare.crop_size={list(self.crop_size)}, "
@@ -197,9 +211,12 @@ class MethodConfig:
     mask_block: int = 1
     # MiM (Mask in Mask)
     levels: int = 3
-    # Crop side of each level in voxels of the level-1 input frame's parent volume; level 1 is
-    # the large crop, each further level is a sub-volume of a masked cube of the level above.
-    level_sizes: list[int] = field(default_factory=lambda: [384, 96, 16])
+    # Crop side of each level in voxels of the stored grid (scaled down only when the train-time
+    # crop is smaller than level 1); level 1 is the large crop, each further level a sub-volume of a
+    # masked cube of the level above.
+    # Defaults: the MiM reference code's 192 -> 96 -> 16 voxels at the stored spacing, with a
+    # prepare.crop_size of 192^3 (the paper's 384 x 384 x 192 level 1 exceeds most resampled CTs).
+    level_sizes: list[int] = field(default_factory=lambda: [192, 96, 16])
     # MiM: level-(l+1) volumes drawn from the masked cubes of level l, per sample (paper: 4).
     gamma: int = 4
     # MiM: weight of the cross-level alignment loss, L = L_R + alpha * L_C (paper Eq. 10: 0.1).

@@ -83,7 +83,7 @@ def _quick_finetune(res, manifest: Path, cfg) -> list[str]:
     import mlflow
 
     from raymim.downstream.evaluate import quick_finetune
-    from raymim.train.checkpoint import load_pretrained
+    from raymim.weights import load_pretrained
 
     encoder_state, pre_cfg = load_pretrained(res.checkpoint_path)
     print("[demo] quick fine-tune: pretrained vs scratch", flush=True)

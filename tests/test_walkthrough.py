@@ -79,9 +79,9 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 def test_readme_walkthrough_is_what_this_test_runs():
     names = [argv[1] for argv in readme_commands()]
-    assert names == ["synth", "prepare", "pretrain", "finetune", "finetune", "export"], names
+    assert names == ["synth", "prepare", "inspect", "pretrain", "finetune", "finetune", "export"], names
     export = readme_commands()[-1]
-    pretrain = readme_commands()[2]
+    pretrain = readme_commands()[3]
     # The export reads the checkpoint the pretraining run writes.
     name = pretrain[pretrain.index("--name") + 1]
     assert export[export.index("--checkpoint") + 1] == f"runs/ray/{name}/best"

@@ -1,11 +1,14 @@
-"""MPS prior mode: a per-patch lesion score for every crop, computed while ``raymim prepare`` runs.
+"""MPS prior mode: a per-patch lesion score for every volume, computed while ``raymim prepare`` runs.
 
 Masked patch selection (Wang et al., MPS-AMS) clusters patches by a descriptor and masks the
 cluster most likely to hold lesions first. In *prior* mode the descriptors are intensity
 statistics computed here, inside the Ray Data preparation tasks, and the clustering is
-scikit-learn's; the result is stored per crop as the ``lesion_prob`` shard column (a
-``[D/p, H/p, W/p]`` float32 grid, ``p = prepare.prior_patch``) that ``mps_ams`` reads with
-``method.mps_mode="prior"``.
+scikit-learn's; the result is stored per volume as the ``lesion_prob`` shard column (a
+``[X/p, Y/p, Z/p]`` float32 grid aligned with the volume, ``p = prepare.prior_patch``), which
+the training sampler crops with the image (:mod:`raymim.data.crops`) and ``mps_ams`` reads with
+``method.mps_mode="prior"``. Deviation from the paper's per-image clustering of the network
+input: descriptors are computed once on the whole stored volume, so a patch's score does not
+change with the crop it falls in.
 
 **Descriptors** (:func:`patch_descriptors`), per ``p^3`` patch [L, 7]: mean, std, min, max,
 local contrast (mean |difference| to the 6 neighbouring patches' means;
@@ -185,7 +188,8 @@ def fit_prior(desc: np.ndarray, cfg: PrepareConfig) -> PriorModel:
 
 
 def lesion_prob(crop: np.ndarray, cfg: PrepareConfig, model: PriorModel | None = None) -> np.ndarray:
-    """The ``lesion_prob`` column of one crop [D, H, W]: float32 [D/p, H/p, W/p] in [0, 1].
+    """The ``lesion_prob`` grid of one volume (or crop) [D, H, W], sides multiples of ``p``:
+    float32 [D/p, H/p, W/p] in [0, 1].
 
     ``model`` is required with ``prior_scope="population"`` (:func:`fit_prior`).
     """

@@ -1,13 +1,15 @@
-"""``raymim prepare`` on Ray Data: discover -> read + preprocess + crop + write (streaming) -> manifest.
+"""``raymim prepare`` on Ray Data: discover -> read + preprocess + write volume shards -> manifest.
 
 Execution: the case list (small: one JSON record per input) becomes a Ray Dataset with one block
 per batch of cases; ``map_batches`` runs :func:`raymim.data.worker.process_batch` as tasks with
 ``num_cpus=1``, so every CPU of every node works on a batch and each task holds at most one
-decoded volume plus one shard's worth of crops (``prepare.shard_mb``). Crops never go through
-the object store: each task writes its own shards (temp name, then atomic rename) and returns
-only small status records. Memory therefore stays flat with the number of volumes.
+decoded volume plus one shard's worth of preprocessed volumes (``prepare.shard_mb``). Volumes
+never go through the object store: each task writes its own shards (temp name, then atomic
+rename) and returns only small status records. Memory therefore stays flat with the number of
+volumes. No crop is cut here: training draws fresh crops from the stored volumes every pass
+(:mod:`raymim.data.crops`, :mod:`raymim.data.stream`).
 
-Resume: a case is finished once a committed shard (or crop-less status record) names its
+Resume: a case is finished once a committed shard (or volume-less status record) names its
 case id (keyed hash of its content) under the same config hash; a rerun skips it. ``--overwrite``
 deletes previous shards, status records and reports first.
 """
@@ -26,21 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raymim.atomic import write_text_atomic
 from raymim.config import ConfigError, PrepareConfig, config_hash
 from raymim.data import shards as shard_io
-from raymim.data.worker import case_descriptors, case_to_rows, process_batch
+from raymim.data.worker import case_descriptors, process_batch
 from raymim.io.deid import deid_key
 from raymim.io.discover import discover_cases
+from raymim.ray_session import ensure_ray
 
-__all__ = ["crop_dataset", "discover_cases", "prepare"]
-
-
-def ensure_ray() -> None:
-    """Connect to ``$RAY_ADDRESS`` or start a local Ray instance when none is running."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+__all__ = ["discover_cases", "prepare", "prior_model"]
 
 
 def _context(cfg: PrepareConfig, key: bytes, out: Path | None, keep_paths: bool, done: set[str]) -> dict[str, Any]:
@@ -49,9 +45,25 @@ def _context(cfg: PrepareConfig, key: bytes, out: Path | None, keep_paths: bool,
             "shard_bytes": int(cfg.shard_mb) << 20}
 
 
+# Crop-sampler settings that change only what training cuts, not what is stored.
+SAMPLER_FIELDS = ("crops_per_volume", "crop_pos_fraction")
+
+
 def _run_hash(cfg: PrepareConfig, keep_paths: bool) -> str:
-    return config_hash({"prepare": dataclasses.asdict(cfg), "keep_paths": keep_paths,
-                        "schema_version": shard_io.SCHEMA_VERSION})
+    stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLER_FIELDS}
+    return config_hash({"prepare": stored, "keep_paths": keep_paths, "schema_version": shard_io.SCHEMA_VERSION})
+
+
+def streaming_context(input: str | os.PathLike, cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Streaming mode (pretraining from raw scans): ``(cases, ctx)`` for
+    :func:`raymim.data.worker.case_volume`. Case ids use ``$RAYMIM_DEID_KEY`` when set, else a
+    key that lives only as long as this process; the MPS prior's population model is fitted
+    first when the prior is on."""
+    ensure_ray(log_to_driver=False)
+    cases = discover_cases(input)
+    ctx = _context(cfg, deid_key(None), None, False, set())
+    ctx["prior_model"] = prior_model(cases, cfg, ctx, None, progress=False)
+    return cases, ctx
 
 
 def _cases_dataset(cases: list[dict[str, Any]], per_block: int) -> Any:
@@ -61,28 +73,14 @@ def _cases_dataset(cases: list[dict[str, Any]], per_block: int) -> Any:
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_block)))
 
 
-def crop_dataset(input: str | os.PathLike, cfg: PrepareConfig) -> Any:
-    """A Ray Dataset of the crop rows ``prepare`` would write (same schema), without writing.
-
-    Case ids use ``$RAYMIM_DEID_KEY`` when set, else a key that lives only as long as the dataset.
-    """
-    ensure_ray()
-    cases = discover_cases(input)
-    ctx = _context(cfg, deid_key(None), None, False, set())
-    ctx["prior_model"] = _prior_model(cases, cfg, ctx, None, progress=False)
-    n_cpu = _cluster_cpus()
-    return _cases_dataset(cases, max(1, math.ceil(len(cases) / (2 * n_cpu)))).flat_map(
-        case_to_rows, fn_kwargs={"ctx": ctx}, num_cpus=1)
-
-
-def _prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, Any], out: Path | None,
+def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, Any], out: Path | None,
                  progress: bool = True) -> dict[str, Any] | None:
     """The MPS prior's population model (``prepare.prior_scope="population"``), as a dict for the tasks.
 
     Reused from ``out/prior_model.json`` when it was fitted under this run's config hash (a
-    resumed run scores with the same model); otherwise fitted on the crops of up to
+    resumed run scores with the same model); otherwise fitted on the volumes of up to
     ``prepare.prior_fit_cases`` cases spread evenly over the input (a Ray Data pass that keeps
-    only the patch descriptors) and saved there.
+    only the patch descriptors of whole volumes) and saved there.
     """
     if not cfg.lesion_prior or cfg.prior_scope != "population":
         return None
@@ -101,7 +99,7 @@ def _prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str,
     n = min(int(cfg.prior_fit_cases), len(usable))
     sample = [usable[i] for i in sorted({round(x) for x in np.linspace(0, len(usable) - 1, n)})] if n else []
     if progress:
-        print(f"fitting the MPS lesion prior on the crops of {len(sample)} of {len(cases)} cases", file=sys.stderr)
+        print(f"fitting the MPS lesion prior on {len(sample)} of {len(cases)} cases", file=sys.stderr)
     descs = []
     if sample:
         ds = _cases_dataset(sample, 1).flat_map(case_descriptors, fn_kwargs={"ctx": ctx}, num_cpus=1)
@@ -112,7 +110,7 @@ def _prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str,
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if path is not None:
-        _atomic_text(path, json.dumps({"config_hash": ctx["config_hash"], **model.to_dict()}))
+        write_text_atomic(path, json.dumps({"config_hash": ctx["config_hash"], **model.to_dict()}))
     return model.to_dict()
 
 
@@ -129,10 +127,13 @@ def _reset(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+# Bytes of one stored volume assumed when sizing tasks: a 256 x 256 x 200 abdomen at the stored dtype.
+TYPICAL_VOXELS = 256 * 256 * 200
+
+
 def _batch_size(cfg: PrepareConfig, n_cases: int, n_cpu: int) -> int:
-    """Cases per task: about one shard of crops, but never fewer tasks than CPUs."""
-    per_case = cfg.crops_per_volume * math.prod(int(s) for s in cfg.crop_size) * 1.5 * (
-        1 if cfg.dtype == "uint8" else (2 if cfg.dtype == "float16" else 4))
+    """Cases per task: about one shard of volumes, but never fewer tasks than CPUs."""
+    per_case = TYPICAL_VOXELS * 1.5 * (1 if cfg.dtype == "uint8" else (2 if cfg.dtype == "float16" else 4))
     per_shard = max(1, int((int(cfg.shard_mb) << 20) // per_case))
     return max(1, min(per_shard, math.ceil(n_cases / n_cpu)))
 
@@ -140,7 +141,7 @@ def _batch_size(cfg: PrepareConfig, n_cases: int, n_cpu: int) -> int:
 def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareConfig, *,
             overwrite: bool = False, keep_paths: bool = False, max_rejected: float | None = None,
             progress: bool = True) -> dict[str, Any]:
-    """Prepare ``input`` into Parquet shards under ``out_dir``; returns the run summary.
+    """Prepare ``input`` into Parquet shards of preprocessed volumes under ``out_dir``; returns the run summary.
 
     The summary's ``exit_code`` is 0 when every case is written, 3 when some were quarantined,
     1 when the rejected fraction exceeds ``max_rejected`` (default ``cfg.max_rejected``).
@@ -165,10 +166,10 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
         raise ConfigError(f"{out} holds shards prepared with config hash {sorted(other)}, this run has "
                           f"{run_hash}; pass --overwrite or choose another --out.")
     done = {c["case_id"] for r in previous for c in r["cases"]}
-    ensure_ray()
+    ensure_ray(log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     ctx = _context(cfg, deid_key(out), out, keep_paths, done)
-    ctx["prior_model"] = _prior_model(cases, cfg, ctx, out, progress)
+    ctx["prior_model"] = prior_model(cases, cfg, ctx, out, progress)
     n_cpu = _cluster_cpus()
     per_task = _batch_size(cfg, len(cases), n_cpu)
     ds = _cases_dataset(cases, per_task).map_batches(
@@ -194,21 +195,22 @@ def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses
     in_bytes = sum(s.get("input_bytes", 0) for s in this_run)
     shard_bytes = sum(r["bytes"] for r in commits if r["shard"])
     counts = {"cases": len(per_case), "ok": len(ok), "rejected": len(rejected),
-              "skipped": len(statuses) - len(this_run), "crops": sum(c["crops"] for c in ok),
+              "skipped": len(statuses) - len(this_run), "volumes": len(ok),
+              "voxels": sum(c["voxels"] for c in ok),
               "shards": sum(1 for r in commits if r["shard"]), "bytes": shard_bytes}
     fraction = len(rejected) / max(1, len(per_case))
     limit = cfg.max_rejected if max_rejected is None else max_rejected
     manifest = {"schema_version": shard_io.SCHEMA_VERSION, "config": dataclasses.asdict(cfg),
                 "config_hash": run_hash, "keep_paths": keep_paths, "counts": counts,
                 "cases": [{k: v for k, v in c.items() if k != "input_bytes"} for c in per_case]}
-    _atomic_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["case_id", "input", "reason"])
     for c in rejected:
         ref = c.get("source") if keep_paths else f"#{index_of[c['case_id']]}" if c["case_id"] in index_of else ""
         writer.writerow([c["case_id"], ref, c["reason"]])
-    _atomic_text(out / "quarantine.csv", buf.getvalue())
+    write_text_atomic(out / "quarantine.csv", buf.getvalue())
     for s in this_run:  # name rejected inputs on the console only (never in output files)
         if s["status"] == "rejected":
             print(f"quarantined #{s['index']} {cases[s['index']]['rel']}: {s['reason']}", file=sys.stderr)
@@ -219,16 +221,11 @@ def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses
                 rejected_fraction=round(fraction, 4), exit_code=code, out=str(out))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable one-block summary for the CLI."""
     return (f"cases: {summary['cases']} ok {summary['ok']} rejected {summary['rejected']} "
             f"(skipped as already done: {summary['skipped']})\n"
-            f"crops: {summary['crops']} in {summary['shards']} shards, {summary['bytes'] / 1e6:.1f} MB\n"
+            f"volumes: {summary['volumes']} ({summary['voxels'] / 1e6:.1f} M voxels) in {summary['shards']} shards, "
+            f"{summary['bytes'] / 1e6:.1f} MB\n"
             f"throughput: {summary['volumes_per_s']:.2f} volumes/s, {summary['mb_per_s']:.1f} MB/s of input "
             f"({summary['seconds']:.1f} s)")

@@ -164,3 +164,24 @@ def generate_phantoms(out_dir: str | os.PathLike, cases: int, size: int = 64, se
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def phantom_batch(n: int, size: int = 32, seed: int = 0):
+    """``n`` phantoms in memory (sites cycle 0, 1, 2), windowed to [0, 1] like ``raymim prepare``
+    (HU -1000..1000): ``(image [n, 1, S, S, S] float32, label [n, 1, S, S, S], reports)`` as torch
+    tensors, for benchmarks and tests that need the generator's crops without files.
+
+    Example::
+
+        image, label, reports = phantom_batch(4, size=64, seed=0)  # label == LESION on lesion voxels
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ims, labs, reports = [], [], []
+    for i in range(n):
+        hu, lab, report, _ = _phantom(rng, size, i % 3)
+        ims.append(np.clip((hu + 1000.0) / 2000.0, 0, 1))
+        labs.append(lab)
+        reports.append(report)
+    return torch.tensor(np.stack(ims)).float()[:, None], torch.tensor(np.stack(labs))[:, None], reports

@@ -18,6 +18,7 @@ Image and label go through the same spatial transforms, so they stay aligned.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -37,16 +38,9 @@ from monai.transforms import (
 )
 
 from raymim.config import PrepareConfig
-from raymim.io.readers import CaseRejected, VolumeReader
-
-# Scaled intensity above which a voxel counts as foreground (body, not air): -900 HU with the
-# default CT window, the lowest 5 % of the range for MR.
-FOREGROUND = 0.05
-
-
-def is_foreground(x: Any) -> Any:
-    """Foreground mask used for cropping and for the per-crop foreground fraction."""
-    return x > FOREGROUND
+from raymim.data.crops import FOREGROUND, is_foreground  # noqa: F401 - re-exported; defined MONAI-free there
+from raymim.io.checks import CaseRejected
+from raymim.io.readers import VolumeReader
 
 
 class WindowIntensityd(MapTransform):
@@ -81,7 +75,10 @@ class LoadVolumed(MapTransform):
     def __init__(self, keys: str, validate: bool = True) -> None:
         super().__init__(keys)
         self.reader = VolumeReader(validate=validate)
-        self.loader = LoadImage(image_only=True)
+        with warnings.catch_warnings():  # MONAI builds every default reader; the nvImageCodec one warns
+            # when its optional plugin is absent, though only VolumeReader is ever used here
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            self.loader = LoadImage(image_only=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

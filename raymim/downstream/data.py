@@ -12,7 +12,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def load_labelled_cases(
     prepare_cfg: PrepareConfig,
     classes: Sequence[int] | None = None,
     roi_size: Sequence[int] = (96, 96, 96),
+    label_names: Mapping[str, int] | Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """``(cases, fixed_sides)``: preprocessed labelled cases and any manifest ``split`` column.
 
@@ -51,6 +53,12 @@ def load_labelled_cases(
 
     ``data`` is what :func:`raymim.io.discover.discover_cases` accepts (a folder, a manifest, an MSD
     ``dataset.json``) or a list of ``{"image", "label"}`` records. Cases without a label are skipped.
+
+    A label may be a DICOM RTSTRUCT or DICOM-SEG file (found by content): it is placed on its
+    image's grid by :func:`raymim.io.dicom_labels.read_dicom_label`, ROI / segment names becoming
+    classes (``label_names``: names in order -> 1..K, or ``{name: value}``; default every ROI in file
+    order), and the case carries ``class_names`` ``{name: value}``; ``classes`` then selects among
+    those values as for any label map.
     """
     from raymim.data.transforms import build_preprocess, voxel_spacing
 
@@ -68,7 +76,7 @@ def load_labelled_cases(
     pre = build_preprocess(pre_cfg, with_label=True)
     cases = []
     for rec in records:
-        out = pre({"image": rec["image"], "label": rec["label"]})
+        out, names = _preprocess_record(pre, rec, label_names)
         img, lab = out["image"], out["label"]
         cases.append({
             "id": case_id(rec),
@@ -77,9 +85,26 @@ def load_labelled_cases(
             "spacing": voxel_spacing(img),
             "patient": rec.get("patient"),
             "source": (rec["image"], rec.get("label")),
+            **({"class_names": names} if names is not None else {}),
         })
     fixed = {case_id(r): str(r["split"]).strip().lower() for r in records if r.get("split")}
     return cases, fixed
+
+
+def _preprocess_record(pre: Any, rec: dict[str, Any],
+                       label_names: Mapping[str, int] | Sequence[str] | None) -> tuple[dict[str, Any], dict | None]:
+    """One record through ``pre``; an RTSTRUCT / SEG label is first written as a NIfTI label map on
+    the image grid (a temporary file the MONAI loader reads like any label)."""
+    from raymim.io.dicom_labels import dicom_label_kind, dicom_label_to_nifti
+    from raymim.io.discover import case_input
+
+    image = case_input(rec)
+    if dicom_label_kind(rec["label"]) is None:
+        return pre({"image": image, "label": rec["label"]}), None
+    with tempfile.TemporaryDirectory(prefix="raymim-label-") as tmp:
+        path = Path(tmp) / "label.nii.gz"
+        names = dicom_label_to_nifti(rec["label"], image, path, label_names)
+        return pre({"image": image, "label": str(path)}), names
 
 
 def num_classes_of(cases: Sequence[dict[str, Any]], classes: Sequence[int] | None) -> int:

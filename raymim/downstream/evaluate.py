@@ -141,7 +141,7 @@ def run_finetune(
     checkpoint records); ``finetune.strict_overlap`` turns an overlap (or an unchecked one) into
     an :class:`~raymim.downstream.overlap.OverlapError` before anything is trained."""
     from raymim.downstream.overlap import OverlapError, pretrain_data_of, pretraining_overlap
-    from raymim.train.checkpoint import load_pretrained
+    from raymim.weights import load_pretrained
 
     t0 = time.time()
     ref = None if isinstance(pretrained, tuple) else str(pretrained)
@@ -194,10 +194,10 @@ def _fit_with_ray_train(job: dict[str, Any], cfg: RaymimConfig, out: Path) -> No
     from ray.train.torch import TorchTrainer
 
     from raymim.downstream.loop import finetune_train_loop
+    from raymim.ray_session import ensure_ray
 
     ft = cfg.finetune
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     workers = max(1, min(ft.num_workers, len(job["cells"])))
     trainer = TorchTrainer(
         finetune_train_loop,

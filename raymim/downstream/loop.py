@@ -38,7 +38,8 @@ import torch
 
 from raymim.config import RaymimConfig, config_from_dict
 from raymim.downstream.metrics import class_names_for, per_case_metrics, summarize
-from raymim.downstream.networks import build_segmentation_network, freeze_encoder, load_encoder
+from raymim.downstream.networks import build_segmentation_network, freeze_encoder
+from raymim.weights import load_encoder
 
 
 def cell_key(cell: Mapping[str, Any]) -> str:

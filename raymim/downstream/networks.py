@@ -1,4 +1,4 @@
-"""Segmentation networks around a pretrained encoder, and encoder weight loading.
+"""Segmentation networks around a pretrained encoder (weights go in with :func:`raymim.weights.load_encoder`).
 
 - ``vit``: MONAI ``UNETR``. MONAI hard-codes 12 transformer layers and patch 16;
   :class:`ViTUNETR` is the same class with the encoder depth taken from the config, the three
@@ -12,7 +12,7 @@
 Example::
 
     net, prefix = build_segmentation_network(cfg.model, num_classes=3, roi_size=(32, 32, 32))
-    report = load_encoder(net, encoder_state, cfg.model, roi_size=(32, 32, 32))
+    report = raymim.weights.load_encoder(net, encoder_state, cfg.model, roi_size=(32, 32, 32))
 """
 
 from __future__ import annotations
@@ -25,15 +25,7 @@ from monai.networks.nets import UNETR, SwinUNETR, ViT
 from torch import nn
 
 from raymim.config import ModelConfig
-from raymim.export.converters import (
-    adapt_vit_state,
-    check_encoder_load,
-    infer_swin_args,
-    to_swinunetr_state_dict,
-    vit_num_layers,
-)
-
-ENCODER_PREFIX = {"vit": "vit.", "swin": "swinViT.", "convvit": "vit."}
+from raymim.weights import ENCODER_PREFIX, adapt_vit_state, infer_swin_args, vit_num_layers
 
 
 class ViTUNETR(UNETR):
@@ -139,32 +131,6 @@ def _build_convvit_unetr(model_cfg: ModelConfig, num_classes: int, roi: tuple[in
 
 def encoder_of(net: nn.Module, prefix: str) -> nn.Module:
     return getattr(net, prefix.rstrip("."))
-
-
-def load_encoder(net: nn.Module, encoder_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
-                 roi_size: Sequence[int]) -> dict[str, object]:
-    """Load pretrained encoder weights into ``net``; raise if any encoder key is missing.
-
-    Returns ``{"loaded": n, "missing_encoder": [], "missing_other": [...], "unexpected": [...],
-    "filled": [...], "interpolated": [...]}`` (the decoder keys are the expected ``missing_other``).
-    """
-    notes: dict[str, list[str]] = {"filled": [], "interpolated": []}
-    backbone = model_cfg.backbone
-    if backbone in ("vit", "convvit"):
-        # ConvViT's token embedding runs after the conv stages: pass the overall patch size.
-        sd, notes = adapt_vit_state(encoder_state, img_size=tuple(roi_size), patch_size=model_cfg.patch_size)
-        sd = {f"vit.{k}": v for k, v in sd.items()}
-    else:
-        sd = to_swinunetr_state_dict(encoder_state)
-    prefix = ENCODER_PREFIX[backbone]
-    target = net.state_dict()
-    # Keys the encoder has but the network does not (e.g. MAE's mask token) are reported, not loaded.
-    unexpected = [k for k in sd if k not in target]
-    result = net.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
-    report = check_encoder_load(result.missing_keys, unexpected, prefix)
-    report["loaded"] = len(sd) - len(unexpected)  # type: ignore[assignment]
-    report.update(notes)
-    return report  # type: ignore[return-value]
 
 
 def freeze_encoder(net: nn.Module, prefix: str) -> int:

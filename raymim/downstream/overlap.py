@@ -65,7 +65,7 @@ def _key(shards: Path) -> bytes | None:
 def pretraining_overlap(cases: Sequence[Mapping[str, Any]], split: Split, shards: str | os.PathLike | None,
                         sides: Sequence[str] = ("val", "test")) -> OverlapReport:
     """Which of ``split``'s ``sides`` cases have the same content as a case of ``shards``."""
-    from raymim.data.shards import case_crop_counts
+    from raymim.data.shards import case_ids
     from raymim.io.deid import content_digest, keyed_id
 
     if not shards:
@@ -77,7 +77,7 @@ def pretraining_overlap(cases: Sequence[Mapping[str, Any]], split: Split, shards
     key = _key(root)
     if key is None:
         return OverlapReport(False, f"no de-identification key for {root} ($RAYMIM_DEID_KEY or .raymim_secret)")
-    pretrained_ids = set(case_crop_counts(root))
+    pretrained_ids = set(case_ids(root))
     by_id = {c["id"]: c for c in cases}
     found: dict[str, list[str]] = {}
     for side in sides:

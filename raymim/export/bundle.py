@@ -46,7 +46,7 @@ TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "valu
 def monai_network_def(cfg: RaymimConfig, encoder_state: Mapping[str, torch.Tensor], num_classes: int,
                       roi_size: Sequence[int], feature_size: int = 16, norm_name: str = "instance") -> dict[str, Any]:
     """``network_def`` for MONAI's own class (``_target_`` + constructor args)."""
-    from raymim.export.converters import infer_swin_args, normalize_vit_state, vit_num_layers
+    from raymim.weights import infer_swin_args, normalize_vit_state, vit_num_layers
 
     backbone = cfg.model.backbone
     if backbone == "vit":
@@ -91,7 +91,7 @@ def write_monai_bundle(
     import monai
     import numpy as np
 
-    from raymim.downstream.networks import load_encoder
+    from raymim.weights import load_encoder
 
     out = Path(out_dir)
     roi = list(roi_size or [cfg.model.img_size] * 3)

@@ -68,7 +68,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, img_size: int 
     Raises :class:`ExportRefused` (nothing written, ``out`` not created) when the checkpoint
     cannot be exported as ``fmt``."""
     from raymim.config import config_from_dict, to_dict
-    from raymim.train.checkpoint import load_pretrained
+    from raymim.weights import load_pretrained
 
     if fmt not in FORMATS:
         raise ExportRefused(f"unknown --format {fmt!r}", f"use one of {', '.join(FORMATS)}")
@@ -111,7 +111,7 @@ def check_exportable(state, cfg, fmt: str, img_size: int, num_classes: int = 2, 
     size and widths (read from its weights, and compared with its config) against MONAI
     ``UNETR``'s fixed 12 layers / patch 16, the target image size against the patch size (UNETR)
     or Swin's 2^5 downsampling, ``num_classes``, the ``--schema`` file and ``--out``."""
-    from raymim.export.converters import MONAI_UNETR_LAYERS, MONAI_UNETR_PATCH, normalize_vit_state, vit_layout
+    from raymim.weights import MONAI_UNETR_LAYERS, MONAI_UNETR_PATCH, normalize_vit_state, vit_layout
 
     backbone = cfg.model.backbone
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -171,7 +171,7 @@ def _export_unetr(state, cfg, out: Path, roi, num_classes: int) -> dict[str, Any
     import torch
     from monai.networks.nets import UNETR
 
-    from raymim.export.converters import check_encoder_load, to_unetr_state_dict
+    from raymim.weights import check_encoder_load, to_unetr_state_dict
 
     if cfg.model.backbone != "vit":
         raise ValueError(f"--format unetr needs a vit encoder, got model.backbone={cfg.model.backbone!r}.")
@@ -193,7 +193,7 @@ def _export_swinunetr(state, cfg, out: Path, num_classes: int) -> dict[str, Any]
     import torch
     from monai.networks.nets import SwinUNETR
 
-    from raymim.export.converters import (
+    from raymim.weights import (
         check_encoder_load,
         infer_swin_args,
         to_swinunetr_load_from,

@@ -14,7 +14,10 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
+
+from raymim.io.checks import CaseRejected, open_regular, regular_file
 
 KEY_ENV = "RAYMIM_DEID_KEY"
 SECRET_NAME = ".raymim_secret"
@@ -38,20 +41,38 @@ def deid_key(out_dir: str | os.PathLike | None) -> bytes:
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(p for p in path.iterdir() if not p.name.startswith(".") and _is_regular(p))
     return [path]
 
 
-def content_digest(*paths: str | os.PathLike | None, chunk: int = 1 << 22) -> str:
-    """SHA-256 over the bytes of the given files (folders: their files in name order)."""
+def _is_regular(path: Path) -> bool:
+    try:
+        regular_file(path)
+    except CaseRejected:
+        return False
+    return True
+
+
+def content_digest(*paths: str | os.PathLike | Sequence[str | os.PathLike] | None, chunk: int = 1 << 22) -> str:
+    """SHA-256 over the bytes of the given inputs: a file, a folder (its regular files in name
+    order) or a list of files (a DICOM series' slices, in the given order).
+
+    Only regular files are opened (:func:`raymim.io.checks.open_regular`): a FIFO, a device or a
+    symlink to one raises :class:`~raymim.io.checks.NotRegularFile` (an ``OSError``) at once
+    instead of blocking or reading forever.
+    """
     h = hashlib.sha256()
     for i, p in enumerate(paths):
         h.update(f"|{i}|".encode())
         if p is None:
             continue
-        for f in _files(Path(p)):
-            h.update(f.name.encode() if Path(p).is_dir() else b"")
-            with open(f, "rb") as fh:
+        if isinstance(p, list | tuple):
+            files, named = [Path(f) for f in p], True
+        else:
+            files, named = _files(Path(p)), Path(p).is_dir()
+        for f in files:
+            h.update(os.fsencode(f.name) if named else b"")  # fsencode: non-UTF-8 names hash too
+            with open_regular(f) as fh:
                 while block := fh.read(chunk):
                     h.update(block)
     return h.hexdigest()

@@ -8,8 +8,11 @@ resolution, regions that the coarser level must reconstruct.
 
 Geometry, all in voxels of the input image ``image[b]``:
 
-* box sides follow the paper's ratios (384 -> 96 -> 16 voxels): ``level_sizes`` is scaled by
-  ``min(1, min(image side) / level_sizes[0])``, so a 96^3 input crop gives boxes 96, 24, 4;
+* box sides are ``level_sizes`` voxels of the input image (default 192 -> 96 -> 16, the MiM
+  reference code's sizes at the stored spacing; the train-time crop, ``prepare.crop_size``, is
+  the level-1 box, 192^3 in ``mim.yaml``). They are scaled by
+  ``min(1, min(image side) / level_sizes[0])`` only when the image is smaller than level 1 (a
+  96^3 crop with the paper's [384, 96, 16] gives boxes 96, 24, 4);
 * a level with children is masked by whole cubes of ``k^3`` tokens (true 3D blocks of the token
   grid, ``k`` the smallest divisor of the grid, >= ``mask_block``, whose cube holds a child box);
   a child box is drawn inside one *fully masked* cube, and its parent token is the token of that
@@ -20,6 +23,11 @@ Geometry, all in voxels of the input image ``image[b]``:
 
 Choice made explicit: ``gamma`` children are drawn per sample per level (each from a random
 parent volume of the level above), so a sample yields ``1 + gamma * (L - 1)`` volumes.
+
+Children are drawn on the masks' device, vectorised (:func:`_sample_children`), and cut with
+index tensors (:func:`gather_boxes`): building the hierarchy reads nothing back from an
+accelerator. Level-1 boxes are drawn on the host. (Until 2026-12 the children were drawn one by
+one on the host, which read every parent mask back; same distribution, other random draws.)
 
 Example::
 
@@ -49,6 +57,7 @@ class MiMLevel(NamedTuple):
     parent: torch.Tensor  # [B, n] long: index i of the parent volume in the level above; -1 at level 1
     parent_token: torch.Tensor  # [B, n] long: flat (d, h, w) token index in the parent's grid; -1 at level 1
     block: int  # side, in tokens, of this level's masking cubes
+    side: int = 0  # side of every box of this level, in image voxels (host-side, for labels)
 
 
 def level_box_sides(image_shape: Sequence[int], level_sizes: Sequence[int], levels: int) -> list[int]:
@@ -78,50 +87,87 @@ def _randint(high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(high, (1,), generator=generator).item())
 
 
-def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """image [B, C, D, H, W], boxes [B, n, 6] (equal sides) -> [B * n, C, size, size, size]."""
-    crops = []
-    for b in range(boxes.shape[0]):
-        for z0, y0, x0, z1, y1, x1 in boxes[b].tolist():
-            crops.append(image[b, :, z0:z1, y0:y1, x0:x1])
-    out = torch.stack(crops)
+def crop_resize(image: torch.Tensor, boxes: torch.Tensor, size: int, side: int | None = None) -> torch.Tensor:
+    """image [B, C, D, H, W], boxes [B, n, 6] (equal sides, ``side`` voxels when given) -> [B * n, C, size, size, size].
+
+    Boxes on the host are cut by slicing; boxes on the accelerator (the children drawn there by
+    :func:`_sample_children`) are gathered with index tensors (:func:`gather_boxes`, the same
+    voxels), so their coordinates never travel to the host.
+    """
+    if boxes.device.type != "cpu":
+        out = gather_boxes(image, boxes, side)
+    else:
+        crops = []
+        for b in range(boxes.shape[0]):
+            for z0, y0, x0, z1, y1, x1 in boxes[b].tolist():
+                crops.append(image[b, :, z0:z1, y0:y1, x0:x1])
+        out = torch.stack(crops)
     if tuple(out.shape[2:]) != (size, size, size):
         out = F.interpolate(out, size=(size, size, size), mode="trilinear", align_corners=False)
     return out
 
 
+def gather_boxes(image: torch.Tensor, boxes: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """image [B, C, D, H, W], boxes [B, n, 6] of one side -> the cubes they cut, [B * n, C, s, s, s].
+
+    Advanced indexing with the boxes as index tensors on their own device (no host read of the
+    coordinates); ``side`` (default: read from the boxes, which reads them) is the cube side.
+    """
+    batch, n = boxes.shape[:2]
+    flat = boxes.reshape(batch * n, 6).to(image.device)
+    if side is None:
+        side = int(flat[0, 3] - flat[0, 0])
+    steps = torch.arange(side, device=image.device)
+    z, y, x = (flat[:, ax, None] + steps for ax in range(3))  # [B n, s] each
+    rows = torch.arange(batch, device=image.device).repeat_interleave(n)
+    # Index dims (rows, z, y, x) broadcast to [B n, s, s, s] and come first, then C.
+    out = image[rows[:, None, None, None], :, z[:, :, None, None], y[:, None, :, None], x[:, None, None, :]]
+    return out.permute(0, 4, 1, 2, 3)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) numbers on ``device``: from ``generator`` (drawn on the host, then copied) or
+    from the device's own generator, without reading anything back."""
+    if generator is not None:
+        return torch.rand(shape, generator=generator).to(device)
+    return torch.rand(shape, device=device)
+
+
 def _sample_children(
     parent: MiMLevel, batch: int, side: int, grid: int, child_side: int, gamma: int, gen: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``gamma`` child boxes per sample inside fully masked cubes of the parent level."""
+    """Draw ``gamma`` child boxes per sample inside fully masked cubes of the parent level.
+
+    Each child picks a random parent volume of its sample, a fully masked ``k^3``-token cube of that
+    volume uniformly at random, and a uniform integer position of its box inside the cube.
+    Vectorised on the mask's device: nothing is read back to the host (on a GPU this runs
+    without a synchronisation). Returns boxes [B, gamma, 6], parents [B, gamma], parent tokens
+    [B, gamma], all long on the mask's device.
+    """
     k = parent.block
     n = parent.boxes.shape[1]
     cubes = grid // k
+    dev = parent.mask.mask.device
+    count = batch * gamma
     # [B * n, cubes, k, cubes, k, cubes, k] -> a cube is fully masked when its min is 1.
     m = parent.mask.mask.view(batch * n, cubes, k, cubes, k, cubes, k)
-    full = m.amin(dim=(2, 4, 6)) > 0.5  # [B * n, cubes, cubes, cubes]
-    boxes = torch.zeros(batch, gamma, 6, dtype=torch.long)
-    parents = torch.zeros(batch, gamma, dtype=torch.long)
-    tokens = torch.zeros(batch, gamma, dtype=torch.long)
-    for b in range(batch):
-        for j in range(gamma):
-            i = _randint(n, gen)
-            choices = full[b * n + i].nonzero()  # [M, 3] cube coords (d, h, w)
-            cube = choices[_randint(choices.shape[0], gen)].tolist()
-            origin = parent.boxes[b, i, :3].tolist()
-            start, token = [], []
-            for ax in range(3):
-                lo_num = origin[ax] * grid + cube[ax] * k * side  # cube start, times grid
-                lo = -(-lo_num // grid)  # ceil
-                hi = (lo_num + k * side - child_side * grid) // grid  # floor(last valid start)
-                s0 = lo + _randint(hi - lo + 1, gen)
-                start.append(s0)
-                centre = (s0 - origin[ax]) + child_side / 2.0
-                t = int(centre * grid // side)
-                token.append(min(max(t, cube[ax] * k), cube[ax] * k + k - 1))
-            boxes[b, j] = torch.tensor(start + [s + child_side for s in start])
-            parents[b, j] = i
-            tokens[b, j] = (token[0] * grid + token[1]) * grid + token[2]
+    full = (m.amin(dim=(2, 4, 6)) > 0.5).flatten(1)  # [B * n, cubes^3]
+    parents = (_rand((batch, gamma), gen, dev) * n).long().clamp_max(n - 1)  # [B, gamma]
+    rows = (torch.arange(batch, device=dev).unsqueeze(1) * n + parents).flatten()  # [B gamma]
+    # A uniformly random fully masked cube (the caller checked that every volume has one).
+    cube = _rand((count, cubes**3), gen, dev).masked_fill(~full[rows], -1.0).argmax(1)
+    c = torch.stack([cube // (cubes * cubes), (cube // cubes) % cubes, cube % cubes], 1)  # [B gamma, 3]
+    origin = parent.boxes.to(dev).reshape(batch * n, 6)[rows, :3]  # [B gamma, 3]
+    lo_num = origin * grid + c * k * side  # cube start, times grid
+    lo = -((-lo_num) // grid)  # ceil
+    hi = (lo_num + k * side - child_side * grid) // grid  # floor(last valid start)
+    span = hi - lo + 1
+    start = lo + (_rand((count, 3), gen, dev) * span).long().minimum(span - 1)
+    # The parent token holding the child's centre: floor(centre * grid / side), kept in the cube.
+    t = ((2 * (start - origin) + child_side) * grid) // (2 * side)
+    t = torch.minimum(torch.maximum(t, c * k), c * k + k - 1)
+    boxes = torch.cat([start, start + child_side], 1).view(batch, gamma, 6)
+    tokens = ((t[:, 0] * grid + t[:, 1]) * grid + t[:, 2]).view(batch, gamma)
     return boxes, parents, tokens
 
 
@@ -163,7 +209,7 @@ def mim_levels(
     out: list[MiMLevel] = []
     for lvl in range(levels):
         n = boxes.shape[1]
-        volumes = crop_resize(image, boxes, img_size)
+        volumes = crop_resize(image, boxes, img_size, sides[lvl])
         has_children = lvl + 1 < levels
         block = cube_block(sides[lvl], grid, sides[lvl + 1], mask_block) if has_children else mask_block
         if has_children and num_masked(grid**3, mask_ratio) < block**3:
@@ -175,7 +221,7 @@ def mim_levels(
             mask = level1_mask(volumes, block)
         else:
             mask = block_masking(batch * n, (grid,) * 3, mask_ratio, block, generator=generator, device=image.device)
-        level = MiMLevel(volumes, mask, boxes, parents, tokens, block)
+        level = MiMLevel(volumes, mask, boxes, parents, tokens, block, sides[lvl])
         out.append(level)
         if has_children:
             boxes, parents, tokens = _sample_children(level, batch, sides[lvl], grid, sides[lvl + 1], gamma, generator)

@@ -79,7 +79,11 @@ def kmeans(
     """Lloyd's k-means on the device of ``x``: [M, F] -> (assign [M] long, centres [k, F]).
 
     k-means++ seeding unless ``init`` [k, F] is given (warm start from the last refit); an
-    empty cluster is re-seeded at the point farthest from its centre.
+    empty cluster is re-seeded at the point farthest from its centre. Runs exactly ``iters``
+    Lloyd iterations: a converged assignment is a fixed point, so the result is the one an early
+    stop would return, and no convergence test has to read a value back to the host (on a GPU,
+    with ``generator=None``, the whole fit runs without a synchronisation; a ``generator`` draws
+    the seeds on the host and copies the seeding probabilities there).
     """
     x = x.float()
     m = x.shape[0]
@@ -91,23 +95,23 @@ def kmeans(
         centres = x[first : first + 1]
         for _ in range(1, k):
             d2 = torch.cdist(x, centres).pow(2).amin(1)  # [M]
-            probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / m)
-            idx = torch.multinomial(probs.cpu(), 1, generator=generator).item()
-            centres = torch.cat([centres, x[idx : idx + 1]])
+            total = d2.sum()
+            probs = torch.where(total > 0, d2 / total.clamp_min(1e-30), torch.full_like(d2, 1.0 / m))
+            if generator is not None:
+                idx = torch.multinomial(probs.cpu(), 1, generator=generator).to(x.device)
+            else:
+                idx = torch.multinomial(probs, 1)  # [1], stays on the device
+            centres = torch.cat([centres, x.index_select(0, idx)])
     assign = torch.cdist(x, centres).argmin(1)
     for _ in range(iters):
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype).unsqueeze(1)
+        # index_add_ rather than bincount, whose output length depends on the data (a read-back on GPU).
+        counts = x.new_zeros(k).index_add_(0, assign, x.new_ones(m)).unsqueeze(1)
         new = sums / counts.clamp_min(1.0)
-        empty = counts.squeeze(1) == 0
-        if bool(empty.any()):
-            far = torch.cdist(x, new).amin(1).argmax()
-            new[empty] = x[far]
-        centres = new
-        new_assign = torch.cdist(x, centres).argmin(1)
-        if torch.equal(new_assign, assign):
-            break
-        assign = new_assign
+        empty = counts == 0  # [k, 1]
+        far = torch.cdist(x, new).amin(1).argmax()
+        centres = torch.where(empty, x.index_select(0, far.view(1)), new)
+        assign = torch.cdist(x, centres).argmin(1)
     return assign, centres
 
 

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -126,7 +127,7 @@ def block_masking(
     """
     if block < 1:
         raise ValueError(f"block should be >= 1, got {block}.")
-    length = int(torch.tensor(list(grid)).prod())
+    length = math.prod(int(g) for g in grid)  # host ints: no tensor read
     if block == 1:  # same draws as MAE's random masking, so block=1 reproduces it exactly
         return random_masking(batch, length, mask_ratio, generator=generator, device=device)
     scores = block_scores(batch, grid, block, generator=generator, device=device)

@@ -9,7 +9,11 @@ whose ``forward(batch)`` returns a :class:`MethodOutput`. Methods register by na
 
     method = build_method("mae", config)      # config: RaymimConfig
     out = method({"image": torch.rand(2, 1, 32, 32, 32)})
-    out.loss.backward(); out.metrics["loss_rec"]; out.visuals["recon"]
+    out.loss.backward(); float(out.metrics["loss_rec"]); out.visuals["recon"]
+
+Metrics are detached 0-d tensors, not floats: converting a loss to a Python number waits for the
+accelerator to finish the step (a host synchronisation). The training loop accumulates them on
+the device and converts them once per ``train.log_every`` steps.
 """
 
 from __future__ import annotations
@@ -25,12 +29,19 @@ from raymim.config import RaymimConfig
 
 
 class MethodOutput(NamedTuple):
-    """``loss``: scalar tensor; ``metrics``: floats (each loss term, mask ratio, ...);
+    """``loss``: scalar tensor; ``metrics``: detached 0-d tensors (each loss term, mask ratio, ...;
+    on the batch's device, or on the host for values the host already knows, see :func:`host_scalar`);
     ``visuals``: detached tensors ``[C, D, H, W]`` (on the batch's device) for reconstruction panels."""
 
     loss: torch.Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor]
     visuals: dict[str, torch.Tensor]
+
+
+def host_scalar(value: float) -> torch.Tensor:
+    """A metric the host already knows (a scheduled ratio, a count from the batch's columns) as a
+    0-d float32 tensor on the host: no copy to the device, and no read-back either."""
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 class PretrainMethod(nn.Module):

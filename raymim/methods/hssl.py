@@ -17,6 +17,10 @@ came from. Here, per crop:
 
 ``L = rec_weight * L_rec + contrast_weight * L_NT-Xent + domain_weight * L_domain``.
 
+Negatives across DDP ranks: NT-Xent gathers the other ranks' projections as negatives in
+multi-worker runs (:func:`raymim.methods.losses.nt_xent`, ``gather_distributed``); the probe
+(rank 0 only) stays local.
+
 ``"simclr"`` is the contrastive part alone (no domain head), the baseline of the MPS-AMS
 paper; it keeps the masked reconstruction term (set ``method.rec_weight=0`` for pure SimCLR,
 which needs a batch of at least 2).
@@ -37,20 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymim.config import RaymimConfig
-from raymim.masking.tokens import random_masking
 from raymim.methods.base import MethodOutput, register_method
+from raymim.methods.losses import nt_xent
 from raymim.methods.mae import MAE, first_case_id, input_label
+from raymim.methods.strategies import BlockMasking
 from raymim.models.heads import ProjectionHead
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
-    """NT-Xent over 2N views: z1, z2 [N, P] (row i of each is a positive pair); 0 when N == 1."""
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)  # [2N, P]
-    n = z1.shape[0]
-    sim = z @ z.t() / tau
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
 
 
 def augment_view(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -64,8 +59,10 @@ def augment_view(x: torch.Tensor, generator: torch.Generator | None = None) -> t
             out[i] = out[i : i + 1].flip(dims)[0]
     scale = (1.0 + 0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) - 0.5)).to(x)
     shift = (0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) - 0.5)).to(x)
-    # Light noise: the domain head must still see a site's own noise level and contrast.
-    noise = (0.003 * torch.randn(x.shape, generator=generator)).to(x)
+    # Light noise: the domain head must still see a site's own noise level and contrast. Drawn on
+    # x's device unless a (host) generator is given: a volume of host noise is a host-bound copy.
+    noise = 0.003 * (torch.randn(x.shape, generator=generator).to(x) if generator is not None
+                     else torch.randn(x.shape, device=x.device, dtype=x.dtype))
     return out * scale + shift + noise
 
 
@@ -83,6 +80,8 @@ class HSSL(MAE):
         self.fixed_domains = mc.domains is not None
         width = len(self.domain_names) if self.fixed_domains else mc.max_domains
         self.domain_head = nn.Linear(2 * m.hidden_size, max(width, 1)) if self.use_domain else None
+        # Each view is masked MAE-style (random tokens, whatever method.mask_block says).
+        self.mask_strategy = BlockMasking(tuple(self.grid), mc.mask_ratio, 1)
 
     # The domain vocabulary travels with the weights (a data-built one differs per dataset).
     def get_extra_state(self) -> dict[str, Any]:
@@ -91,8 +90,8 @@ class HSSL(MAE):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.domain_names = list(state.get("domain_names", self.domain_names))
 
-    def domain_ids(self, domains: list[str | None] | None, device: torch.device) -> torch.Tensor | None:
-        """Domain strings -> ids [N] (-100 = ignored); grows the vocabulary when not fixed."""
+    def domain_ids(self, domains: list[str | None] | None) -> list[int] | None:
+        """Domain strings -> ids (-100 = ignored), on the host; grows the vocabulary when not fixed."""
         if not domains or self.domain_head is None:
             return None
         ids = []
@@ -101,7 +100,7 @@ class HSSL(MAE):
                 if len(self.domain_names) < self.domain_head.out_features:
                     self.domain_names.append(d)
             ids.append(self.domain_names.index(d) if d in self.domain_names else -100)
-        return torch.tensor(ids, device=device)
+        return ids
 
     @staticmethod
     def pool(tokens: torch.Tensor) -> torch.Tensor:
@@ -113,29 +112,29 @@ class HSSL(MAE):
         imgs = self.fit_input(batch["image"])
         n = imgs.shape[0]
         views = torch.cat([augment_view(imgs), augment_view(imgs)])  # [2N, ...]
-        tm = random_masking(2 * n, self.encoder.num_tokens, mc.mask_ratio, device=imgs.device)
-        latent = self.forward_encoder(views, tm)  # [2N, K, hidden]
-        pred, feats = self.forward_decoder(latent, tm.ids_restore)
-        loss_rec = self.forward_loss(views, pred, tm.mask)
-        proj = self.proj(feats.mean(dim=1))  # [2N, P]
+        tm = self.mask_strategy(views, batch, self.progress)
+        rec = self.reconstruct(views, tm)  # latent [2N, K, hidden], decoder feats [2N, L, dec_hidden]
+        loss_rec = rec.loss
+        proj = self.proj(rec.feats.mean(dim=1))  # [2N, P]
         loss_con = nt_xent(proj[:n], proj[n:], mc.tau)
         loss = mc.rec_weight * loss_rec + mc.contrast_weight * loss_con
-        metrics = {"loss_rec": float(loss_rec.detach()), "loss_contrast": float(loss_con.detach()),
-                   "mask_ratio": float(tm.mask.mean())}
-        ids = self.domain_ids(batch.get("domain"), imgs.device)
+        metrics = {"loss_rec": loss_rec.detach(), "loss_contrast": loss_con.detach(),
+                   "mask_ratio": tm.mask.mean().detach()}
+        ids = self.domain_ids(batch.get("domain"))
         if self.domain_head is not None:
             loss_dom = loss.new_zeros(())
-            if ids is not None and bool((ids >= 0).any()):
-                logits = self.domain_head(self.pool(latent))  # [2N, D]
-                target = ids.repeat(2)
+            if ids is not None and any(i >= 0 for i in ids):  # decided on the host, from the strings
+                logits = self.domain_head(self.pool(rec.latent))  # [2N, D]
+                target = torch.tensor(ids, device=imgs.device).repeat(2)
                 loss_dom = F.cross_entropy(logits, target, ignore_index=-100)
-                valid = target >= 0
-                metrics["domain_acc"] = float((logits.argmax(1)[valid] == target[valid]).float().mean())
+                valid = (target >= 0).float()
+                hits = (logits.argmax(1) == target).float() * valid
+                metrics["domain_acc"] = (hits.sum() / valid.sum().clamp_min(1.0)).detach()
             loss = loss + mc.domain_weight * loss_dom
-            metrics["loss_domain"] = float(loss_dom.detach())
-        metrics["loss"] = float(loss.detach())
+            metrics["loss_domain"] = loss_dom.detach()
+        metrics["loss"] = loss.detach()
         label = f"view 1 (flips, intensity jitter) of a {input_label(batch['image'], imgs)}"
-        visuals = self.reconstruction_visuals(views[:n], pred[:n].detach(), tm.mask[:n], label=label,
+        visuals = self.reconstruction_visuals(views[:n], rec.pred[:n].detach(), tm.mask[:n], label=label,
                                               case_id=first_case_id(batch))
         return MethodOutput(loss, metrics, visuals)
 
@@ -153,7 +152,7 @@ class HSSL(MAE):
         tm = self.probe_mask(2 * n, ratio, seed, imgs.device)
         _, feats = self.forward_decoder(self.forward_encoder(views, tm), tm.ids_restore)
         proj = self.proj(feats.mean(dim=1)).float()
-        return nt_xent(proj[:n], proj[n:], 0.2)
+        return nt_xent(proj[:n], proj[n:], 0.2, gather_distributed=False)  # rank 0 alone
 
     @torch.no_grad()
     def predict_domain(self, image: torch.Tensor) -> list[str]:

@@ -10,20 +10,26 @@ Example::
     >>> cfg = RaymimConfig(model=ModelConfig(img_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
     ...     num_layers=1, num_heads=4, decoder_hidden_size=48, decoder_layers=1, decoder_heads=4))
     >>> out = build_method("mae", cfg)({"image": torch.rand(2, 1, 32, 32, 32)})
-    >>> out.loss.backward(); out.metrics["mask_ratio"]  # 0.75
+    >>> out.loss.backward(); float(out.metrics["mask_ratio"])  # 0.75
+
+The other reconstruction methods reuse MAE by composition: :meth:`MAE.reconstruct` (encoder on
+the visible tokens, decoder, per-token error under the mask) and :meth:`MAE.masked_output` (the
+metrics and panels of one masked batch), with their own mask strategy
+(:mod:`raymim.methods.strategies`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from raymim.config import RaymimConfig
-from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, random_masking, unpatchify
+from raymim.masking.tokens import TokenMask, mask_to_volume, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
-from raymim.methods.losses import denormalize_patches, masked_recon_loss, patch_targets
+from raymim.methods.losses import denormalize_patches, masked_mean, masked_recon_loss, patch_targets, token_recon_error
+from raymim.methods.strategies import BlockMasking, MaskStrategy
 from raymim.models.heads import MAEDecoder
 from raymim.models.registry import build_encoder
 
@@ -69,9 +75,23 @@ def masked_visuals(imgs: torch.Tensor, recon: torch.Tensor, vox: torch.Tensor, *
     return {k: MetaTensor(v, meta=dict(meta)) for k, v in out.items()}
 
 
+class Reconstruction(NamedTuple):
+    """What :meth:`MAE.reconstruct` returns for images [N, C, D, H, W] under a token mask."""
+
+    latent: torch.Tensor  # [N, K, hidden] encoder output of the visible tokens
+    pred: torch.Tensor  # [N, L, p^3 C] predicted patches (all tokens)
+    feats: torch.Tensor  # [N, L, dec_hidden] decoder features (all tokens)
+    error: torch.Tensor  # [N, L] per-token error against the targets (every token; only masked ones count)
+    loss: torch.Tensor  # scalar: mean error over the masked tokens
+
+
 @register_method("mae")
 class MAE(PretrainMethod):
-    """Masked autoencoder: ``forward_encoder`` -> ``forward_decoder`` -> ``forward_loss``."""
+    """Masked autoencoder: ``forward_encoder`` -> ``forward_decoder`` -> ``forward_loss``.
+
+    ``mask_strategy``: ``(images, batch, progress) -> TokenMask``, random (``mask_block=1``) or
+    block masking at ``method.mask_ratio``.
+    """
 
     def __init__(self, config: RaymimConfig) -> None:
         super().__init__(config)
@@ -94,11 +114,8 @@ class MAE(PretrainMethod):
         )
         kind = config.method.recon_loss
         self.loss_kind = "mse" if kind == "auto" else kind
-
-    def make_mask(self, batch: int, device: torch.device) -> TokenMask:
-        """Random token mask (``mask_block=1``, MAE) or whole 3D cubes of tokens."""
-        mc = self.config.method
-        return block_masking(batch, self.grid, mc.mask_ratio, mc.mask_block, device=device)
+        mc = config.method
+        self.mask_strategy: MaskStrategy = BlockMasking(tuple(self.grid), mc.mask_ratio, mc.mask_block)
 
     def forward_encoder(self, imgs: torch.Tensor, tm: TokenMask) -> torch.Tensor:
         """imgs [N, C, D, H, W] -> latent [N, K, hidden] of the kept tokens."""
@@ -108,10 +125,33 @@ class MAE(PretrainMethod):
         """latent [N, K, hidden] -> pred [N, L, p^3 C], decoder features [N, L, dec_hidden]."""
         return self.decoder(latent, ids_restore)
 
+    def forward_error(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Per-token reconstruction error [N, L] against the (optionally normalised) patches of ``imgs``."""
+        target = patch_targets(imgs, self.patch, self.config.method.norm_pix_loss)
+        return token_recon_error(pred, target, self.loss_kind)
+
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reconstruction error on the masked patches (mask [N, L], 1 = removed)."""
-        target = patch_targets(imgs, self.patch, self.config.method.norm_pix_loss)
-        return masked_recon_loss(pred, target, mask, self.loss_kind)
+        return masked_mean(self.forward_error(imgs, pred), mask)
+
+    def reconstruct(self, imgs: torch.Tensor, tm: TokenMask) -> Reconstruction:
+        """Encode the visible tokens of ``imgs`` [N, C, D, H, W] under ``tm``, decode every token,
+        and score the prediction: the per-token error and its mean over the masked tokens."""
+        latent = self.forward_encoder(imgs, tm)
+        pred, feats = self.forward_decoder(latent, tm.ids_restore)
+        error = self.forward_error(imgs, pred)
+        return Reconstruction(latent, pred, feats, error, masked_mean(error, tm.mask))
+
+    def masked_output(self, batch: Mapping[str, Any], imgs: torch.Tensor, tm: TokenMask,
+                      rec: Reconstruction | None = None) -> MethodOutput:
+        """MAE's output for network input ``imgs`` under ``tm``: loss = masked reconstruction error,
+        metrics ``loss``, ``loss_rec``, ``mask_ratio`` (detached tensors) and the panels."""
+        rec = self.reconstruct(imgs, tm) if rec is None else rec
+        loss_rec = rec.loss.detach()
+        metrics = {"loss": loss_rec, "loss_rec": loss_rec, "mask_ratio": tm.mask.mean().detach()}
+        visuals = self.reconstruction_visuals(imgs, rec.pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
+                                              case_id=first_case_id(batch))
+        return MethodOutput(rec.loss, metrics, visuals)
 
     @torch.no_grad()
     def reconstruction_visuals(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *,
@@ -141,15 +181,4 @@ class MAE(PretrainMethod):
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         imgs = self.fit_input(batch["image"])
-        tm = self.make_mask(imgs.shape[0], imgs.device)
-        latent = self.forward_encoder(imgs, tm)
-        pred, _ = self.forward_decoder(latent, tm.ids_restore)
-        loss = self.forward_loss(imgs, pred, tm.mask)
-        metrics = {
-            "loss": float(loss.detach()),
-            "loss_rec": float(loss.detach()),
-            "mask_ratio": float(tm.mask.mean()),
-        }
-        visuals = self.reconstruction_visuals(imgs, pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
-                                              case_id=first_case_id(batch))
-        return MethodOutput(loss, metrics, visuals)
+        return self.masked_output(batch, imgs, self.mask_strategy(imgs, batch, self.progress))

@@ -89,11 +89,20 @@ seeds, 48 held-out 64^3 phantoms). The position keys assume crops that cover com
 
 ``L = L_rec + medim_align_weight * (L_local + L_global)``.
 
+Reconstruction reuses :meth:`MAE.reconstruct <raymim.methods.mae.MAE.reconstruct>`; the mask
+is computed inline rather than by a :mod:`~raymim.methods.strategies` callable because the same
+attention also feeds the alignment loss. Which rows hold a report, which queries are valid and
+which findings the reports share are decided on the host from the report strings and the
+tokenizer's (host) output, so the forward reads nothing back from the accelerator. The
+contrastive terms come from :mod:`raymim.methods.losses` and stay *local* to each rank in
+multi-worker runs (``gather_distributed=False``): the number of report rows differs between
+ranks, and a rank without two reports skips the term, which a collective cannot do.
+
 Example::
 
     >>> out = build_method("medim", cfg)({"image": torch.rand(2, 1, 32, 32, 32),
     ...     "report": ["A 12 mm hypodense lesion in the right liver.", None]})
-    >>> out.metrics["no_report_frac"]  # 0.5
+    >>> float(out.metrics["no_report_frac"])  # 0.5
 """
 
 from __future__ import annotations
@@ -108,7 +117,8 @@ from torch import nn
 from raymim.config import RaymimConfig
 from raymim.masking.report_guided import mean_attention, patch_attention, report_guided_masking
 from raymim.masking.selection import prior_token_scores
-from raymim.methods.base import MethodOutput, register_method
+from raymim.methods.base import MethodOutput, host_scalar, register_method
+from raymim.methods.losses import info_nce, multi_positive_info_nce, symmetric_ce
 from raymim.methods.mae import MAE, first_case_id, input_label
 from raymim.models.heads import ProjectionHead
 from raymim.models.text import Encoded, ReportTokenizer, TextEncoder, load_keywords
@@ -123,19 +133,11 @@ def reads_prior(method_config: Any) -> bool:
 
 
 def _info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / tau
-    return _symmetric_ce(logits, allowed)
+    """MedIM's report-image loss: :func:`raymim.methods.losses.info_nce`, local to the rank."""
+    return info_nce(a, b, tau, allowed, gather_distributed=False)
 
 
-def _symmetric_ce(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE of a [M, M] score matrix whose diagonal holds the positives.
-
-    ``allowed`` [M, M] bool (diagonal true) keeps only those pairs as negatives.
-    """
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+_symmetric_ce = symmetric_ce  # the word-region loss on a score matrix (raymim.methods.losses)
 
 
 def patch_statistics(imgs: torch.Tensor, patch: int) -> torch.Tensor:
@@ -247,15 +249,7 @@ def finding_loss(sims: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, po
     w = weight.to(sims.dtype)
     scores = (sims[row] * w.unsqueeze(1)).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0) / tau  # [G, M]
     cand = torch.ones_like(positive) if allowed is None else allowed[row]
-    pos = positive & cand
-    keep = (cand & ~pos).any(1)
-    if not bool(keep.any()):
-        return sims.new_zeros(())
-    scores, cand, pos = scores[keep], cand[keep], pos[keep]
-    neg_inf = torch.finfo(scores.dtype).min
-    total = scores.masked_fill(~cand, neg_inf).logsumexp(1)
-    good = scores.masked_fill(~pos, neg_inf).logsumexp(1)
-    return (total - good).mean()
+    return multi_positive_info_nce(scores, positive, cand)
 
 
 @register_method("medim")
@@ -312,46 +306,65 @@ class MedIM(MAE):
             return keys, (keys.new_zeros(*keys.shape[:2], 1) if p is None else p)
         return keys, (with_prior if mc.medim_values == "prior" else keys)
 
-    def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mask-query features [M, Q, D], validity [M, Q] and sentence index [M, Q] for KDM
-        (keywords) or SDM (a sentence)."""
+    def query_masks(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validity [M, Q] and sentence index [M, Q] of the mask queries, and (SDM) the tokens [M, T]
+        each sentence query pools; pure functions of the tokenizer output, so the host copy of
+        ``enc`` gives them without reading the accelerator."""
         if self.config.method.medim_mode == "kdm":
-            return feats, enc.keyword >= 0, enc.sentence
+            return enc.keyword >= 0, enc.sentence, None
         # SDM: the first sentence that names a keyword (else the first sentence), mean-pooled.
         named = (enc.keyword >= 0) & (enc.sentence >= 0)
         first = torch.where(named, enc.sentence, torch.full_like(enc.sentence, 10**6)).amin(1)
         first = torch.where(first == 10**6, torch.zeros_like(first), first)
         sel = (enc.sentence == first.unsqueeze(1)) & ~enc.padding
+        return sel.any(1, keepdim=True), first.unsqueeze(1), sel
+
+    def queries(self, enc: Encoded, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask-query features [M, Q, D], validity [M, Q] and sentence index [M, Q] for KDM
+        (keywords) or SDM (a sentence)."""
+        valid, sentence, sel = self.query_masks(enc)
+        if sel is None:
+            return feats, valid, sentence
         pooled = (feats * sel.unsqueeze(-1)).sum(1) / sel.sum(1, keepdim=True).clamp_min(1)
-        return pooled.unsqueeze(1), sel.any(1, keepdim=True), first.unsqueeze(1)
+        return pooled.unsqueeze(1), valid, sentence
 
     def report_attention(self, imgs: torch.Tensor, reports: list[str],
                          prior: torch.Tensor | None = None) -> dict[str, Any]:
-        """Text features, mask queries, patch keys and the mask map for rows with a report."""
-        enc = Encoded(*(t.to(imgs.device) for t in self.tokenizer(reports)))
+        """Text features, mask queries, patch keys and the mask map for rows with a report (and
+        ``host``, the tokenizer output on the host, for the host-side bookkeeping)."""
+        host = Encoded(*self.tokenizer(reports))
+        enc = Encoded(*(t.to(imgs.device) for t in host))
         feats = self.text_encoder(enc.ids, enc.padding)  # [M, T, D]
         keys, values = self.patch_keys(imgs, prior)  # [M, L, D] each
         q, q_valid, q_sentence = self.queries(enc, feats)
         attn_map = mean_attention(patch_attention(q, keys, q_valid), q_valid)  # [M, L]
-        return {"enc": enc, "feats": feats, "keys": keys, "values": values, "q": q, "q_valid": q_valid,
-                "q_sentence": q_sentence, "map": attn_map}
+        return {"enc": enc, "host": host, "feats": feats, "keys": keys, "values": values, "q": q,
+                "q_valid": q_valid, "q_sentence": q_sentence, "map": attn_map}
 
     def local_loss(self, r: dict[str, Any], rows: torch.Tensor, allowed: torch.Tensor | None,
                    kind: str | None = None) -> torch.Tensor:
-        """The word-region loss over the report rows ``rows`` [M] bool: ``kind`` "report" or
-        "finding" (default ``method.medim_local``)."""
+        """The word-region loss over the report rows ``rows``: long indices [M'] into the report rows,
+        on the host (the training path), or a bool mask [M] (read back to the host: evaluation code);
+        ``kind`` "report" or "finding" (default ``method.medim_local``)."""
         tau = self.config.method.tau
-        keys = r["keys"][rows]
+        if rows.dtype == torch.bool:
+            rows = rows.cpu().nonzero().flatten()
+        rows = rows.cpu()
+        idx = rows.to(r["keys"].device)
+        keys = r["keys"].index_select(0, idx)
         if self.config.method.medim_keys == "position":
             keys = keys[:1]  # the same in every image: one attention per report, not per report-image pair
+        q, values = r["q"].index_select(0, idx), r["values"].index_select(0, idx)
         scale = 1.0 if self.prior_scale is None else self.prior_scale.exp()  # prior_score: a learned logit scale
         if (kind or self.config.method.medim_local) == "report":
-            scores = word_region_scores(r["q"][rows], r["q_valid"][rows], keys, r["values"][rows])
+            scores = word_region_scores(q, r["q_valid"].index_select(0, idx), keys, values)
             return _symmetric_ce(scores * scale / tau, allowed)
-        enc = r["enc"]
-        groups = finding_groups(enc.keyword[rows], enc.sentence[rows], r["q_sentence"][rows], r["q_valid"][rows])
-        sims = word_region_sims(r["q"][rows], keys, r["values"][rows]) * scale
-        return finding_loss(sims, *groups, tau, allowed)
+        host = r["host"]
+        q_valid, q_sentence, _ = self.query_masks(host)
+        # Findings are grouped on the host (from the tokenizer output), then their indices copied over.
+        groups = finding_groups(host.keyword[rows], host.sentence[rows], q_sentence[rows], q_valid[rows])
+        sims = word_region_sims(q, keys, values) * scale
+        return finding_loss(sims, *(t.to(sims.device) for t in groups), tau, allowed)
 
     def alignment_loss(self, r: dict[str, Any], latent: torch.Tensor,
                        domains: list[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,9 +376,13 @@ class MedIM(MAE):
         allowed = None
         if self.config.method.medim_negatives == "domain":
             allowed = same_domain(domains, latent.device)
-        rows = r["q_valid"].any(1)  # reports with at least one query
-        if int(rows.sum()) > 1:
-            local = self.local_loss(r, rows, None if allowed is None else allowed[rows][:, rows])
+        rows = self.query_masks(r["host"])[0].any(1).nonzero().flatten()  # reports with a query (host)
+        if rows.numel() > 1:
+            sub = None
+            if allowed is not None:
+                idx = rows.to(allowed.device)
+                sub = allowed.index_select(0, idx).index_select(1, idx)
+            local = self.local_loss(r, rows, sub)
         words = ~r["enc"].padding
         text = (r["feats"] * words.unsqueeze(-1)).sum(1) / words.sum(1, keepdim=True).clamp_min(1)
         return local, _info_nce(self.img_proj(latent.mean(1)), self.txt_proj(text), tau, allowed)
@@ -375,35 +392,35 @@ class MedIM(MAE):
         imgs = self.fit_input(batch["image"])
         n = imgs.shape[0]
         reports = batch.get("report") or [None] * n
-        has = torch.tensor([isinstance(t, str) and bool(t.strip()) for t in reports], device=imgs.device)
+        has_report = [isinstance(t, str) and bool(t.strip()) for t in reports]  # decided on the host
+        report_rows = [i for i, h in enumerate(has_report) if h]
+        has = torch.tensor(has_report, device=imgs.device)
         attn = torch.full((n, self.encoder.num_tokens), 1.0 / self.encoder.num_tokens, device=imgs.device)
-        r = None
+        r = rows = None
         uses_prior = reads_prior(mc)
         prior = batch.get("lesion_prob") if uses_prior else None
-        if bool(has.any()):
-            rows = has.nonzero().flatten()
-            r = self.report_attention(imgs[rows], [reports[i] for i in rows.tolist()],
-                                      None if prior is None else prior[rows.to(prior.device)])
-            attn[rows] = r["map"].detach().float()  # bf16 under autocast
+        if report_rows:
+            rows = torch.tensor(report_rows, device=imgs.device)
+            r = self.report_attention(imgs.index_select(0, rows), [reports[i] for i in report_rows],
+                                      None if prior is None else prior.index_select(0, rows.to(prior.device)))
+            attn = attn.index_copy(0, rows, r["map"].detach().float())  # bf16 under autocast
         tm = report_guided_masking(attn, mc.mask_ratio, mc.medim_low_share, has)
-        latent = self.forward_encoder(imgs, tm)
-        pred, _ = self.forward_decoder(latent, tm.ids_restore)
-        loss_rec = self.forward_loss(imgs, pred, tm.mask)
+        rec = self.reconstruct(imgs, tm)
+        loss_rec = rec.loss
         loss_local = loss_global = loss_rec.new_zeros(())
         if r is not None:
             domains = batch.get("domain")
-            rows = has.nonzero().flatten().tolist()
             loss_local, loss_global = self.alignment_loss(
-                r, latent[has], None if domains is None else [domains[i] for i in rows])
+                r, rec.latent.index_select(0, rows), None if domains is None else [domains[i] for i in report_rows])
         loss_align = loss_local + loss_global
         loss = loss_rec + mc.medim_align_weight * loss_align
-        metrics = {"loss": float(loss.detach()), "loss_rec": float(loss_rec.detach()),
-                   "loss_align": float(loss_align.detach()), "loss_local": float(loss_local.detach()),
-                   "loss_global": float(loss_global.detach()), "mask_ratio": float(tm.mask.mean()),
-                   "no_report_frac": float(1.0 - has.float().mean())}
+        metrics = {"loss": loss.detach(), "loss_rec": loss_rec.detach(), "loss_align": loss_align.detach(),
+                   "loss_local": loss_local.detach(), "loss_global": loss_global.detach(),
+                   "mask_ratio": tm.mask.mean().detach(),
+                   "no_report_frac": host_scalar(1.0 - len(report_rows) / n)}
         if uses_prior:
-            metrics["medim_prior_missing"] = 1.0 if prior is None else 0.0
-        visuals = self.reconstruction_visuals(imgs, pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
+            metrics["medim_prior_missing"] = host_scalar(1.0 if prior is None else 0.0)
+        visuals = self.reconstruction_visuals(imgs, rec.pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
                                               case_id=first_case_id(batch))
         return MethodOutput(loss, metrics, visuals)
 

@@ -25,29 +25,36 @@ With ``method.levels == 1`` this is MAE with MPS-AMS masks; with ``levels > 1`` 
 level-1 masking cubes MPS orders (:func:`raymim.masking.mps_levels.mps_mim_levels`), so the
 finer levels re-see lesion cubes.
 
+Composition: the masks come from explicit strategies (:mod:`raymim.methods.strategies`) built
+in ``__init__`` with the AMS schedule as their ratio: a
+:class:`~raymim.methods.strategies.ScoredMasking` (``levels == 1``, then MAE's
+:meth:`~raymim.methods.mae.MAE.masked_output`) or a :class:`~raymim.methods.strategies.MiMLevels`
+with MPS level-1 scores (``levels > 1``, then MiM's
+:meth:`~raymim.methods.mim.MiM.hierarchy_output`); the batch and the ratio are arguments of the
+calls, not state set on the method.
+
 Example::
 
     >>> cfg.method = MethodConfig(name="mps_ams", levels=1, mask_schedule="linear",
     ...                           mask_ratio_start=0.5, mask_ratio_end=0.85)
     >>> m = build_method("mps_ams", cfg); m.set_progress(50, 100)
-    >>> m({"image": torch.rand(2, 1, 32, 32, 32)}).metrics["mask_ratio_target"]  # 0.675
+    >>> float(m({"image": torch.rand(2, 1, 32, 32, 32)}).metrics["mask_ratio_target"])  # 0.675
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from raymim.config import RaymimConfig
-from raymim.masking.mps_levels import mps_mim_levels
-from raymim.masking.multilevel import MiMLevel, level_box_sides
-from raymim.masking.schedules import mask_ratio_at
-from raymim.masking.selection import kmeans, lesion_scores, mps_masking, prior_token_scores, standardize
-from raymim.masking.tokens import TokenMask, random_masking
-from raymim.methods.base import MethodOutput, register_method
-from raymim.methods.mae import first_case_id, input_label
+from raymim.masking.multilevel import level_box_sides
+from raymim.masking.selection import kmeans, lesion_scores, prior_token_scores, standardize
+from raymim.masking.tokens import TokenMask
+from raymim.methods.base import MethodOutput, host_scalar, register_method
 from raymim.methods.mim import MiM
+from raymim.methods.strategies import MiMLevels, RatioSchedule, ScoredMasking
 
 
 @register_method("mps_ams")
@@ -56,11 +63,17 @@ class MPSAMS(MiM):
 
     def __init__(self, config: RaymimConfig) -> None:
         super().__init__(config)
-        self._step = 0
+        m, mc = config.model, config.method
+        self._step = 0  # the online k-means refits every mps_every steps
         self._centres: torch.Tensor | None = None  # online k-means centres (not checkpointed)
-        self._stats: dict[str, float] = {}
-        self._batch: dict[str, Any] | None = None
-        self._ratio: float | None = None
+        start = mc.mask_ratio if mc.mask_ratio_start is None else mc.mask_ratio_start
+        end = mc.mask_ratio if mc.mask_ratio_end is None or mc.mask_schedule == "constant" else mc.mask_ratio_end
+        self.ratio_schedule = RatioSchedule(mc.mask_schedule, start, end, mc.mask_warmup, mc.mask_stages)
+        self.mask_strategy = ScoredMasking(self.scores_for, self.encoder.num_tokens, self.ratio_schedule,
+                                           mc.mps_share, mc.mps_threshold)
+        self.level_strategy = MiMLevels(m.img_size, m.patch_size, tuple(mc.level_sizes), self.ratio_schedule,
+                                        mc.gamma, mc.levels, mc.mask_block, level1_scores=self.level1_scores,
+                                        share=mc.mps_share, threshold=mc.mps_threshold)
 
     def set_progress(self, step: int, total_steps: int) -> None:
         super().set_progress(step, total_steps)
@@ -68,12 +81,7 @@ class MPSAMS(MiM):
 
     def current_ratio(self) -> float:
         """The AMS ratio at the current progress (``method.mask_ratio`` for a constant schedule)."""
-        mc = self.config.method
-        start = mc.mask_ratio if mc.mask_ratio_start is None else mc.mask_ratio_start
-        end = mc.mask_ratio if mc.mask_ratio_end is None else mc.mask_ratio_end
-        if mc.mask_schedule == "constant":
-            end = mc.mask_ratio
-        return mask_ratio_at(self.progress, mc.mask_schedule, start, end, mc.mask_warmup, mc.mask_stages)
+        return self.ratio_schedule(self.progress)
 
     # ---- MPS scores -------------------------------------------------------------------------
 
@@ -101,78 +109,58 @@ class MPSAMS(MiM):
         """The shards' lesion_prob [B, L'] (or [B, d, h, w]) resampled to this model's token grid: [B, L]."""
         return prior_token_scores(prob, self.grid).reshape(n, -1)
 
-    def scores_for(self, batch: dict[str, Any], imgs: torch.Tensor) -> torch.Tensor | None:
-        """Lesion scores [N, L] for the MAE path (None: plain random masking)."""
+    def scores_for(self, imgs: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Lesion scores [N, L] of the network input ``imgs`` for the MAE path (None: plain random masking)."""
         mode = self.config.method.mps_mode
         if mode == "none":
             return None
-        if mode == "prior":
-            prob = batch.get("lesion_prob")
-            self._stats["mps_prior_missing"] = 1.0 if prob is None else 0.0
-            if prob is not None:
-                return self.prior_scores(prob.to(imgs.device), imgs.shape[0])
+        prob = batch.get("lesion_prob") if mode == "prior" else None
+        if prob is not None:
+            return self.prior_scores(prob.to(imgs.device), imgs.shape[0])
         return self.online_scores(imgs)
+
+    def level1_scores(self, vols: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Lesion scores [N, L] of the level-1 volumes (MiM path): the prior map when it covers them."""
+        mc = self.config.method
+        if mc.mps_mode == "none":
+            return torch.zeros(vols.shape[0], self.encoder.num_tokens, device=vols.device)
+        if self.prior_covers(batch):
+            return self.prior_scores(batch["lesion_prob"].to(vols.device), vols.shape[0])
+        return self.online_scores(vols)
+
+    def prior_covers(self, batch: Mapping[str, Any]) -> bool:
+        """Whether the batch's prior map can score the level-1 volumes: it covers the whole stored
+        crop, so the level-1 box must be that crop (MiM path, ``mps_mode="prior"``)."""
+        mc = self.config.method
+        if mc.mps_mode != "prior" or batch.get("lesion_prob") is None:
+            return False
+        shape = batch["image"].shape[2:]
+        side0 = level_box_sides(shape, mc.level_sizes, mc.levels)[0]
+        return len(set(shape)) == 1 and side0 == shape[0]
 
     # ---- masks ------------------------------------------------------------------------------
 
     def mask_from(self, scores: torch.Tensor | None, batch: int, device: torch.device, ratio: float) -> TokenMask:
-        mc = self.config.method
-        if scores is None:
-            return random_masking(batch, self.encoder.num_tokens, ratio, device=device)
-        tm = mps_masking(scores, ratio, mc.mps_share, mc.mps_threshold)
-        lesion = scores >= mc.mps_threshold
-        self._stats["mps_cluster_share"] = float(lesion.float().mean())
-        self._stats["mps_masked_lesion_share"] = float((lesion & tm.mask.bool()).sum() / tm.mask.sum().clamp_min(1))
-        return tm
-
-    def make_levels(self, image: torch.Tensor) -> list[MiMLevel]:
-        """MiM levels with MPS-ordered level-1 cubes (``self._batch`` / ``self._ratio`` set by forward)."""
-        mc, m = self.config.method, self.config.model
-        batch = self._batch or {}
-        ratio = self.current_ratio() if self._ratio is None else self._ratio
-        prob = batch.get("lesion_prob") if mc.mps_mode == "prior" else None
-        # The prior map covers the whole stored crop: usable when the level-1 box is that crop.
-        side0 = level_box_sides(image.shape[2:], mc.level_sizes, mc.levels)[0]
-        whole = len(set(image.shape[2:])) == 1 and side0 == image.shape[2]
-        if mc.mps_mode == "prior":
-            self._stats["mps_prior_missing"] = 0.0 if (prob is not None and whole) else 1.0
-
-        def score_fn(vols: torch.Tensor) -> torch.Tensor:
-            if mc.mps_mode == "none":
-                return torch.zeros(vols.shape[0], self.encoder.num_tokens, device=vols.device)
-            if prob is not None and whole:
-                return self.prior_scores(prob.to(vols.device), vols.shape[0])
-            return self.online_scores(vols)
-
-        levels = mps_mim_levels(
-            image.float(), m.img_size, m.patch_size, mc.level_sizes, ratio, mc.gamma, mc.levels, score_fn,
-            mc.mask_block, mc.mps_share, mc.mps_threshold,
-        )
-        return levels
+        """The MPS mask of precomputed ``scores`` [N, L] at ``ratio`` (random where ``scores`` is None)."""
+        return self.mask_strategy.mask_from(scores, batch, device, ratio)
 
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
-        self._stats = {}
+        mc = self.config.method
         ratio = self.current_ratio()
-        if self.config.method.levels > 1:
-            self._batch, self._ratio = batch, ratio
-            try:
-                out = MiM.forward(self, batch)  # calls self.make_levels
-            finally:
-                self._batch, self._ratio = None, None
+        stats: dict[str, torch.Tensor] = {}
+        if mc.levels > 1:
+            out = self.hierarchy_output(batch, self.level_strategy(batch["image"], batch, self.progress))
+            if mc.mps_mode == "prior":
+                stats["mps_prior_missing"] = host_scalar(0.0 if self.prior_covers(batch) else 1.0)
         else:
             imgs = self.fit_input(batch["image"])
-            tm = self.mask_from(self.scores_for(batch, imgs), imgs.shape[0], imgs.device, ratio)
-            latent = self.forward_encoder(imgs, tm)
-            pred, _ = self.forward_decoder(latent, tm.ids_restore)
-            loss = self.forward_loss(imgs, pred, tm.mask)
-            metrics = {"loss": float(loss.detach()), "loss_rec": float(loss.detach()),
-                       "mask_ratio": float(tm.mask.mean())}
-            visuals = self.reconstruction_visuals(imgs, pred.detach(), tm.mask, label=input_label(batch["image"], imgs),
-                                                  case_id=first_case_id(batch))
-            out = MethodOutput(loss, metrics, visuals)
-        out.metrics.update(self._stats, mask_ratio_target=ratio)
+            tm, stats = self.mask_strategy.with_stats(imgs, batch, self.progress)
+            out = self.masked_output(batch, imgs, tm)
+            if mc.mps_mode == "prior":
+                stats["mps_prior_missing"] = host_scalar(0.0 if batch.get("lesion_prob") is not None else 1.0)
+        out.metrics.update(stats, mask_ratio_target=host_scalar(ratio))
         return out
 
 

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from raymim.config import RaymimConfig
-from raymim.masking.tokens import TokenMask, block_masking, mask_to_volume, patchify, random_masking, unpatchify
+from raymim.masking.tokens import mask_to_volume, patchify, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import denormalize_patches, masked_recon_loss, patch_targets
 from raymim.methods.mae import first_case_id, input_label, masked_visuals
+from raymim.methods.strategies import BlockMasking, MaskStrategy
 from raymim.models.heads import LinearHead, PixelShuffleHead
 from raymim.models.registry import build_encoder
 
@@ -62,10 +63,8 @@ class SimMIM(PretrainMethod):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         kind = config.method.recon_loss
         self.loss_kind = "l1" if kind == "auto" else kind
-
-    def make_mask(self, batch: int, device: torch.device) -> TokenMask:
-        mc = self.config.method
-        return block_masking(batch, self.grid, mc.mask_ratio, mc.mask_block, device=device)
+        mc = config.method
+        self.mask_strategy: MaskStrategy = BlockMasking(self.grid, mc.mask_ratio, mc.mask_block)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token backbones: [N, L, hidden]; Swin: last stage [N, 16F, D/32, H/32, W/32]."""
@@ -97,10 +96,10 @@ class SimMIM(PretrainMethod):
 
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         imgs = self.fit_input(batch["image"])
-        tm = self.make_mask(imgs.shape[0], imgs.device)
+        tm = self.mask_strategy(imgs, batch, self.progress)
         pred = self.forward_decoder(self.forward_encoder(imgs, tm.mask))
         loss = self.forward_loss(imgs, pred, tm.mask)
-        metrics = {"loss": float(loss.detach()), "loss_rec": float(loss.detach()), "mask_ratio": float(tm.mask.mean())}
+        metrics = {"loss": loss.detach(), "loss_rec": loss.detach(), "mask_ratio": tm.mask.mean().detach()}
         with torch.no_grad():
             shown = denormalize_patches(pred, imgs, self.patch) if self.config.method.norm_pix_loss else pred
             recon = unpatchify(shown, self.patch, self.grid, imgs.shape[1])

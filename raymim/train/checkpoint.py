@@ -7,7 +7,7 @@ A raymim checkpoint is a directory (the one Ray Train's ``Checkpoint`` points at
   ``config_hash`` (the hash of the sections that shape the model and the optimisation). Plain
   tensors, numbers, strings, lists and dicts only, so ``torch.load(weights_only=True)`` reads it.
 - ``encoder.pt``: the backbone's ``state_dict`` alone (what downstream fine-tuning and
-  ``raymim export`` load), also ``weights_only``-safe.
+  ``raymim export`` load, through :func:`raymim.weights.load_pretrained`), also ``weights_only``-safe.
 - ``config.yaml``: the full :class:`raymim.config.RaymimConfig` of the run.
 - ``meta.json``: step, metrics at save time, method and backbone names.
 
@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from raymim.config import RaymimConfig, config_from_dict, config_hash, dump_yaml, to_dict
+from raymim.config import RaymimConfig, config_hash, dump_yaml, to_dict
 
 STATE_FILE, ENCODER_FILE, CONFIG_FILE, META_FILE = "state.pt", "encoder.pt", "config.yaml", "meta.json"
 
@@ -64,35 +63,3 @@ def read_state(path: str | Path, cfg: RaymimConfig | None = None) -> dict[str, A
                 "use another --name, or the same config to resume."
             )
     return state
-
-
-def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], RaymimConfig]:
-    """``(encoder_state_dict, config)`` from a checkpoint directory, an ``encoder.pt`` file with
-    ``config.yaml`` beside it, or an MLflow reference (``runs:/<id>/encoder`` or a bare run id)."""
-    path = _resolve(str(path))
-    if path.is_dir():
-        enc_file, cfg_file = path / ENCODER_FILE, path / CONFIG_FILE
-    else:
-        enc_file, cfg_file = path, path.parent / CONFIG_FILE
-    if not enc_file.is_file():
-        raise FileNotFoundError(f"no {ENCODER_FILE} at {path}")
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} beside {enc_file}: cannot tell which backbone it is")
-    state = torch.load(enc_file, map_location="cpu", weights_only=True)
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
-    return state, cfg
-
-
-def _resolve(ref: str) -> Path:
-    local = Path(ref)
-    if local.exists():
-        return local
-    if ref.startswith("runs:/") or ref.startswith("models:/") or (len(ref) == 32 and ref.isalnum()):
-        import mlflow
-
-        from raymim.train.tracking import resolve_tracking_uri
-
-        uri = ref if "/" in ref else f"runs:/{ref}/encoder"
-        mlflow.set_tracking_uri(resolve_tracking_uri())
-        return Path(mlflow.artifacts.download_artifacts(uri))
-    raise FileNotFoundError(f"pretrained checkpoint not found: {ref}")

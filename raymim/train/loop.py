@@ -10,12 +10,12 @@ number of batches already consumed in the current epoch, and the RNG states. A r
 group (``FailureConfig``) or a re-submitted run with the same name picks the latest one up through
 ``ray.train.get_checkpoint()``.
 
-"Where in the data": the driver hands over a dataset in which one pass covers
-``epochs_per_pass`` epochs (restarting the shard iterator every epoch stalls the workers); every
-pass iterates the shard with a local shuffle seeded by ``(seed, pass)``, and on resume the loop
-skips the batches the checkpoint says were consumed in the current pass. With several workers Ray
-Data's streaming split assigns blocks dynamically, so the skipped batches are the same *count*,
-not always the same rows. The ``epoch`` metric counts passes x ``epochs_per_pass``.
+"Where in the data": every worker builds its own crop stream for each iterator pass
+(:func:`raymim.data.stream.crop_stream`: ``epochs_per_pass`` data passes, fresh crops drawn in
+Ray Data tasks, seeded by (seed, pass, volume), order preserved), iterates it with a local
+shuffle seeded by ``(seed, pass)``, and on resume skips the batches the checkpoint says were
+consumed in the current pass: the same rows, since the stream is deterministic. The ``epoch``
+metric counts passes x ``epochs_per_pass``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import random
 import tempfile
 import time
 import warnings
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raymim.config import RaymimConfig, config_from_dict
+from raymim.data.stream import crop_stream
 from raymim.train import checkpoint as ckpt
 from raymim.train.augment import augment_batch, build_augment
 from raymim.train.reporting import say
@@ -176,18 +176,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     probe = None
     if config.get("probe") is not None and rank == 0:
         probe = torch.as_tensor(ray.get(config["probe"])).float().unsqueeze(1)  # [N, 1, D, H, W] on the host
-    log = RankZeroLogger(rank, config.get("mlflow_uri"), config.get("mlflow_run_id"), cfg, config.get("best_dir"))
+    log = RankZeroLogger(rank, config.get("mlflow_uri"), config.get("mlflow_run_id"), cfg, config.get("best_dir"),
+                         step_lines=config.get("console", "lines") == "lines")
     if not restored:
         log.note_start()
-    shard = ray.train.get_dataset_shard("train")
-    per_pass = int(config.get("epochs_per_pass", 1))  # `epoch` below counts passes over the shard
+    stream = ray.get(config["stream"])  # raymim.data.stream spec: this worker builds its crop stream per pass
+    per_pass = int(config.get("epochs_per_pass", 1))  # `epoch` below counts iterator passes
     samples_per_step = effective_batch(tc, world)
-    sums: dict[str, float] = defaultdict(float)
+    # Metrics stay tensors on the device between logs: a float() of a loss every step would wait for
+    # the accelerator to finish the step (a host synchronisation). MetricWindow converts once per log.
+    window = MetricWindow()
     window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-    interval_loss, interval_n = 0.0, 0
+    interval_loss, interval_n = None, 0  # summed step losses since the last checkpoint (a tensor)
 
     while step < tc.steps:
-        batches = shard.iter_torch_batches(
+        batches = crop_stream(stream, epoch, rank, world, per_pass, config.get("driver")).iter_torch_batches(
             batch_size=tc.batch_size, collate_fn=BatchCollate(), drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=max(4 * tc.batch_size, 8), local_shuffle_seed=tc.seed * 1000 + epoch,
         )
@@ -201,9 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             wait += time.perf_counter() - t_ready
             if aug is None:
-                aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, "lesion_prob" not in batch,
-                                    tuple(batch["image"].shape[2:]))
-            batch["image"] = augment_batch(batch["image"], aug)  # methods resize to their input size
+                aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, shape=tuple(batch["image"].shape[2:]))
+            batch = augment_batch(batch, aug)  # image + lesion_prob together; methods resize to their input size
             batch = _to_device(batch, device)
             method.set_progress(step, tc.steps)
             last_micro = len(outs) == tc.accumulation - 1
@@ -225,37 +227,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             consumed = seen
 
-            loss = float(sum(float(o.loss.detach()) for o in outs) / len(outs))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr or check the data")
-            sums["loss"] += loss
+            loss = torch.stack([o.loss.detach().float() for o in outs]).mean()  # stays on the device
+            window.add("loss", loss)
             for o in outs:
                 for k, v in o.metrics.items():
                     if k != "loss":  # the total is accumulated above
-                        sums[k] += float(v) / len(outs)
+                        window.add(k, v, 1.0 / len(outs))
             if grad_norm is not None:
-                sums["grad_norm"] += float(grad_norm)
-            interval_loss += loss
+                window.add("grad_norm", grad_norm)
+            interval_loss = loss if interval_loss is None else interval_loss + loss
             interval_n += 1
             window_steps += 1
             window_wait += wait
             wait = 0.0
 
             if step % tc.log_every == 0 or step == tc.steps or step == 1:
+                # The one host read of the window's metrics. The loss is checked for NaN / inf here,
+                # once per log_every steps rather than every step: a non-finite loss stays non-finite
+                # in the window's sum, so it is caught at the next log (or checkpoint, below), at the
+                # cost of up to log_every - 1 steps trained past it.
+                metrics = window.means(window_steps)
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(
+                        f"loss became {metrics['loss']} within steps {step - window_steps + 1}-{step}; "
+                        "lower train.lr or check the data")
                 elapsed = time.perf_counter() - window_start
-                metrics = {k: v / window_steps for k, v in sums.items()}
                 metrics.update(lr=sched.get_last_lr()[0], samples_per_s=samples_per_step * window_steps / elapsed,
                                data_wait_frac=window_wait / elapsed, epoch=epoch * per_pass)
                 log.metrics(metrics, step)
-                sums.clear()
+                window.clear()
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
             if log.wants_visuals(step):
                 log.visuals(outs[-1].visuals, step)
             outs = []
 
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                score = interval_loss / max(1, interval_n)
-                interval_loss, interval_n = 0.0, 0
+                score = float(interval_loss) / max(1, interval_n)  # a float for the checkpoint and Tune
+                if not np.isfinite(score):  # never save weights a non-finite loss has touched
+                    raise FloatingPointError(
+                        f"loss became {score} before step {step}; lower train.lr or check the data")
+                interval_loss, interval_n = None, 0
                 is_best = score < best
                 best = min(best, score)
                 extra = {}
@@ -277,6 +288,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch += 1
             consumed = 0
     log.finish(method.encoder.state_dict() if rank == 0 else None)
+
+
+class MetricWindow:
+    """Sums of per-step metrics since the last log, kept as tensors where each metric lives.
+
+    :meth:`add` only queues arithmetic (one in-place add per metric and step, on the accelerator for
+    device metrics; a metric the host already knows, a 0-d CPU tensor or a number, is summed on the
+    host, with no copy either way); :meth:`means` reads the device sums back in one transfer.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, value: Any, weight: float = 1.0) -> None:
+        v = torch.as_tensor(value, dtype=torch.float32) if not torch.is_tensor(value) else value.detach()
+        if v.dtype != torch.float32:
+            v = v.float()
+        if weight != 1.0:
+            v = v * weight
+        acc = self.sums.get(key)
+        if acc is None or acc.device != v.device:
+            # A copy: the first value may share storage with the method's output (a detached loss).
+            self.sums[key] = v.clone() if acc is None else acc.to(v.device) + v
+        else:
+            acc.add_(v)
+
+    def means(self, steps: int) -> dict[str, float]:
+        """Each sum over ``steps`` as a Python float: one read per device (the host synchronisation
+        of the window; host sums cost nothing)."""
+        out: dict[str, float] = {}
+        by_device: dict[torch.device, list[str]] = {}
+        for k, v in self.sums.items():
+            by_device.setdefault(v.device, []).append(k)
+        for keys in by_device.values():
+            values = torch.stack([self.sums[k] for k in keys]).tolist()
+            out.update({k: v / max(steps, 1) for k, v in zip(keys, values, strict=True)})
+        return {k: out[k] for k in self.sums}  # the order metrics were first added in
+
+    def clear(self) -> None:
+        self.sums.clear()
 
 
 def _gather_rng(world: int) -> list[dict[str, Any]]:

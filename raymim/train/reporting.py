@@ -58,8 +58,9 @@ def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 class RankZeroLogger:
     def __init__(self, rank: int, uri: str | None, run_id: str | None, cfg: RaymimConfig,
-                 best_dir: str | None = None) -> None:
+                 best_dir: str | None = None, step_lines: bool = True) -> None:
         self.cfg = cfg
+        self.step_lines = step_lines  # off when the driver draws a progress bar (raymim.train.progress)
         self.active = rank == 0
         self.run_id = run_id if self.active else None
         self.best_dir = best_dir if self.active else None
@@ -80,7 +81,8 @@ class RankZeroLogger:
             return
         show = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in
                         ("loss", "loss_rec", "loss_align", "mask_ratio", "lr", "samples_per_s", "data_wait_frac"))
-        say(f"[raymim] step {step}/{self.cfg.train.steps} {show}")
+        if self.step_lines:
+            say(f"[raymim] step {step}/{self.cfg.train.steps} {show}")
         if self.client is None:
             return
         from mlflow.entities import Metric

@@ -20,6 +20,7 @@ import numpy as np
 
 from raymim.config import RaymimConfig, flatten, to_dict
 from raymim.train.checkpoint import META_FILE, CheckpointMismatchError, model_config_hash
+from raymim.train.progress import StepBar, wants_bar
 from raymim.train.tracking import (
     DEFAULT_ROOT,
     find_run,
@@ -32,9 +33,6 @@ from raymim.train.tracking import (
     source_tags,
     system_metrics,
 )
-
-# Shard columns a method may use besides the image; only those present are read.
-OPTIONAL_COLUMNS = ("report", "domain", "lesion_prob")
 
 
 @dataclass
@@ -111,21 +109,19 @@ def prune_orphan_checkpoints(storage: str, name: str) -> list[str]:
     return removed
 
 
-# A pass over the training data spans several epochs (a lazy union of the dataset with itself) so
-# the shard iterator is not restarted every epoch: each restart stalls the workers for seconds
-# (bench/RESULTS.md, "data wait"), which dominates runs whose epochs are short. A pass is capped at
-# this many micro-batches per worker, which bounds the batches a resumed run skips to find its place.
+# A worker's iterator pass spans several data passes (each drawing fresh crops, see
+# raymim.data.stream) so the iterator is not restarted every epoch: each restart stalls the workers
+# for seconds (bench/RESULTS.md, "data wait"), which dominates runs whose epochs are short. A pass is
+# capped at this many micro-batches per worker, which bounds the batches a resumed run skips (and
+# re-reads) to find its place, and at MAX_REPEAT data passes.
 PASS_BATCHES = 2000
-# ... and at this many copies: the first batch of a union of N copies arrives only after about N
-# dataset passes' worth of start-up (measured ~6 s per copy on 12 tiny rows, bench/RESULTS.md "union
-# start-up"), so a tiny dataset with a long run (12 rows, 45k steps: 333 copies) looked hung.
 MAX_REPEAT = 8
 
 
 def epochs_per_pass(rows: int | None, cfg: RaymimConfig) -> int:
-    """How many epochs one iterator pass covers: enough for the whole run when it is short,
-    at most :data:`PASS_BATCHES` micro-batches per worker and :data:`MAX_REPEAT` epochs; 1 when the
-    row count is unknown."""
+    """How many data passes (epochs) one iterator pass covers: enough for the whole run when it is
+    short, at most :data:`PASS_BATCHES` micro-batches per worker and :data:`MAX_REPEAT` passes; 1
+    when the crop count per pass is unknown."""
     tc = cfg.train
     if not rows:
         return 1
@@ -136,7 +132,8 @@ def epochs_per_pass(rows: int | None, cfg: RaymimConfig) -> int:
 
 def probe_cases(counts: dict[str, int], crops: int, seed: int) -> list[str]:
     """Whole cases held out of pretraining for the probe: in an order fixed by a hash of
-    (seed, case id), enough cases for ``crops`` crops, never more than half of the cases."""
+    (seed, case id), enough cases for ``crops`` crops (``counts``: the crops each case gives),
+    never more than half of the cases."""
     order = sorted(counts, key=lambda c: hashlib.sha256(f"probe/{seed}/{c}".encode()).hexdigest())
     held, n = [], 0
     for cid in order:
@@ -150,49 +147,41 @@ def probe_cases(counts: dict[str, int], crops: int, seed: int) -> list[str]:
 def build_probe(data: str, cfg: RaymimConfig) -> tuple[np.ndarray | None, dict[str, int]]:
     """``(probe crops [N, D, H, W] float32, {held-out case id: its crop count})`` for
     ``train.probe_crops`` > 0; ``(None, {})`` when the probe is off. Needs prepared shards with at
-    least 2 cases."""
+    least 2 volumes. The held-out volumes give ``prepare.crops_per_volume`` crops each, drawn once
+    by the training sampler with the reserved probe pass (:data:`raymim.data.crops.PROBE_PASS`),
+    so the probe is the same set of crops at every checkpoint and in a resumed run."""
     tc = cfg.train
     if not tc.probe_crops:
         return None, {}
     if not (Path(data) / "manifest.json").is_file():
         raise ValueError("train.probe_crops needs prepared shards (raymim prepare), not raw scans: "
                          f"{data!r} has no manifest.json; set train.probe_crops=0 (and tune.scheduler=none)")
-    from raymim.data.shards import case_crop_counts, read_case_images
+    from raymim.data.crops import PROBE_PASS, CropSpec, sample_crops
+    from raymim.data.shards import read_volume, volume_index
 
-    counts = case_crop_counts(data)
+    index = {v["case_id"]: v for v in volume_index(data)}
+    spec = CropSpec.from_config(cfg.prepare, tc.seed)
+    counts = {cid: spec.k for cid in index}
     held = probe_cases(counts, tc.probe_crops, tc.seed)
     if not held:
         raise ValueError(f"train.probe_crops={tc.probe_crops} holds whole cases out of pretraining, but "
                          f"{data!r} has {len(counts)} case(s); prepare at least 2 or set train.probe_crops=0")
-    return read_case_images(data, held, limit=tc.probe_crops), {cid: counts[cid] for cid in held}
+    crops = []
+    for cid in held:
+        vol = read_volume(index[cid]["file"], index[cid]["row_group"], ["case_id"])
+        crops += [r["image"].astype(np.float32) for r in sample_crops(vol, spec, PROBE_PASS)]
+    return np.stack(crops[: tc.probe_crops]), {cid: counts[cid] for cid in held}
 
 
-def build_dataset(data: str, cfg: RaymimConfig, exclude: dict[str, int] | None = None):
-    """Prepared shards (a folder with ``manifest.json``) or, in streaming mode, raw scans (a folder,
-    glob or manifest) run through the same preparation pipeline without writing shards. Only the
-    image and the optional columns a method may use are kept; the cases in ``exclude`` (the
-    probe's, with their crop counts) are left out; shards are repeated :func:`epochs_per_pass`
-    times per pass."""
-    path = Path(data)
-    rows = None
-    if (path / "manifest.json").is_file():
-        from raymim.data.shards import read_shards
+def build_dataset(data: str, cfg: RaymimConfig, exclude: dict[str, int] | None = None) -> tuple[dict, int]:
+    """``(stream spec, data passes per iterator pass)`` for the workers' crop streams
+    (:func:`raymim.data.stream.stream_spec`): prepared shards (a folder with ``manifest.json``) or,
+    in streaming mode, raw scans (a folder, glob or manifest) run through the same preprocessing
+    and crop sampler without writing shards; the cases in ``exclude`` (the probe's) are left out."""
+    from raymim.data.stream import stream_spec
 
-        ds = read_shards(str(path))
-        rows = json.loads((path / "manifest.json").read_text()).get("counts", {}).get("crops")
-        if exclude:
-            from ray.data.expressions import col
-
-            ds = ds.filter(expr=col("case_id").not_in(sorted(exclude)))
-            rows = rows - sum(exclude.values()) if rows else None
-    else:
-        from raymim.data.pipeline import crop_dataset
-
-        ds = crop_dataset(data, cfg.prepare)
-    names = set(ds.schema().names)
-    ds = ds.select_columns(["image"] + [c for c in OPTIONAL_COLUMNS if c in names])
-    repeat = epochs_per_pass(rows, cfg)
-    return (ds.union(*([ds] * (repeat - 1))) if repeat > 1 else ds), repeat
+    spec = stream_spec(data, cfg, set(exclude or ()))
+    return spec, epochs_per_pass(spec["rows"], cfg)
 
 
 def _local_path(data: str) -> str:
@@ -260,6 +249,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raymim.ray_session import ensure_ray, pretrain_log_settings
     from raymim.train.loop import train_loop_per_worker
 
     name = name or cfg.name
@@ -269,10 +259,7 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
     latest = check_existing_checkpoints(storage, name, cfg)
     if latest:
         print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
-    if not ray.is_initialized():
-        quiet = os.environ.get("RAYMIM_QUIET") == "1"  # `raymim pretrain --quiet`
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=not quiet,
-                 logging_level=os.environ.get("RAYMIM_LOG_LEVEL", "WARNING" if quiet else "INFO").upper())
+    ensure_ray(**pretrain_log_settings())  # `raymim pretrain --quiet` / `--log-level`
     uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
     import mlflow
 
@@ -283,6 +270,8 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         print(f"[raymim] interrupted at step {step} (the last checkpoint); rerun the same command to resume",
               flush=True)
 
+    # On a terminal one progress bar (rate, ETA) replaces the workers' step lines; otherwise lines.
+    console = "bar" if wants_bar() else "lines"
     with run_status(client, run_id, on_interrupt=interrupted):
         tc = cfg.train
         probe, held = build_probe(data, cfg)
@@ -291,16 +280,17 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         # Ray Data's own progress bars are off inside training: they redraw per block (tens of
         # thousands of lines when stderr is a file) and say nothing the step lines do not.
         ray.data.DataContext.get_current().enable_progress_bars = False
-        dataset, repeat = build_dataset(data, cfg, exclude=held)
+        spec, repeat = build_dataset(data, cfg, exclude=held)
         resources = {"CPU": tc.cpus_per_worker}
         if tc.use_gpu:
             resources["GPU"] = 1
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id,
+            train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "console": console,
                                "best_dir": f"{storage.rstrip('/')}/{name}/best",
                                "run_dir": None if "://" in storage else f"{storage}/{name}",
-                               "epochs_per_pass": repeat, "data": _local_path(data),
+                               "epochs_per_pass": repeat, "data": _local_path(data), "stream": ray.put(spec),
+                               "driver": ray.put(True),  # the crop streams stop when this driver dies
                                "probe": None if probe is None else ray.put(probe)},
             scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                    resources_per_worker=resources),
@@ -311,9 +301,8 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                 callbacks=extra_callbacks,
             ),
-            datasets={"train": dataset},
         )
-        with system_metrics(run_id, uri):
+        with system_metrics(run_id, uri), StepBar(client, run_id, tc.steps, latest, enabled=console == "bar"):
             result = _fit(trainer)
         if "://" not in storage and check_existing_checkpoints(storage, name, cfg) < tc.steps:
             raise KeyboardInterrupt  # Ray Train returned early: its SIGINT handler aborted the run

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -131,8 +130,8 @@ def run_trial(params: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raymim.train.checkpoint import load_pretrained
     from raymim.train.trainer import pretrain
+    from raymim.weights import load_pretrained
 
     ctx = params["_ctx"]
     swept = trial_params(params)
@@ -250,9 +249,9 @@ def _parent_run(cfg: RaymimConfig, name: str) -> tuple[str, str]:
 def sweep(cfg: RaymimConfig, data: str, labelled: str | None = None, name: str | None = None,
           storage: str | None = None, resume: bool = False) -> SweepResult:
     """Run (or with ``resume``, continue) a sweep; returns the trials' table, best first."""
-    import ray
     from ray import tune
 
+    from raymim.ray_session import ensure_ray
     from raymim.train.trainer import default_storage
 
     labelled = labelled or cfg.tune.labelled
@@ -271,8 +270,7 @@ def sweep(cfg: RaymimConfig, data: str, labelled: str | None = None, name: str |
     for point, same in dropped:
         print(f"[raymim] skipping grid point {point}: the same experiment as {same} (differs only in "
               "parameters that setting ignores)", flush=True)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    ensure_ray()
     uri, parent = _parent_run(cfg, name)
     import mlflow
 
@@ -320,7 +318,7 @@ def _score_selected(best: dict[str, Any], ctx: dict[str, Any], uri: str, parent:
     import mlflow
     from mlflow.entities import Metric
 
-    from raymim.train.checkpoint import load_pretrained
+    from raymim.weights import load_pretrained
 
     if not best.get("checkpoint_path"):
         return {}

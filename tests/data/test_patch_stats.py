@@ -1,9 +1,8 @@
-"""MPS prior mode: blobness, scikit-learn clustering, the lesion_prob shard column end to end."""
+"""MPS prior mode: blobness, scikit-learn clustering, the per-volume lesion_prob column end to end."""
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -105,6 +104,8 @@ def test_prior_masks_lesion_patches_at_least_3x_as_often_as_random():
 @pytest.mark.ray
 def test_prepare_writes_lesion_prob_and_training_batches_carry_it(ray_session, phantoms, tmp_path, monkeypatch):
     from raymim.data.pipeline import prepare
+    from raymim.data.shards import read_volume, volume_index
+    from raymim.data.stream import crop_stream
     from raymim.methods import build_method
     from raymim.train.loop import BatchCollate
     from raymim.train.trainer import build_dataset
@@ -114,11 +115,16 @@ def test_prepare_writes_lesion_prob_and_training_batches_carry_it(ray_session, p
     cfg = PrepareConfig(crop_size=[16, 16, 16], crops_per_volume=2, lesion_prior=True, prior_patch=4)
     out = tmp_path / "prior"
     summary = prepare(phantoms, out, cfg, progress=False)
-    assert summary["exit_code"] == 0 and summary["crops"] == 12
-    t = pq.read_table(next((out / "shards").glob("*.parquet")))
-    assert t.schema.field("lesion_prob").type.shape == [4, 4, 4]
-    grids = t["lesion_prob"].combine_chunks().to_numpy_ndarray()
-    assert grids.shape[1:] == (4, 4, 4) and 0.0 <= grids.min() and grids.max() < 1.0
+    assert summary["exit_code"] == 0 and summary["volumes"] == 6
+    grids = []
+    for v in volume_index(out):
+        vol = read_volume(v["file"], v["row_group"])
+        # one prior grid per volume, tiling it exactly (volumes padded to multiples of the patch)
+        assert all(s % 4 == 0 for s in vol["image"].shape)
+        assert vol["lesion_prob"].shape == tuple(s // 4 for s in vol["image"].shape)
+        grids.append(vol["lesion_prob"].ravel())
+    grids = np.concatenate(grids)
+    assert 0.0 <= grids.min() and grids.max() < 1.0
     assert 0.0 < (grids >= 0.5).mean() < 0.5  # a lesion cluster in the population's tail
     model_file = out / "prior_model.json"
     saved = model_file.read_text()
@@ -126,8 +132,8 @@ def test_prepare_writes_lesion_prob_and_training_batches_carry_it(ray_session, p
     again = prepare(phantoms, out, cfg, progress=False)  # resume: nothing redone, same model
     assert again["skipped"] == 6 and model_file.read_text() == saved
 
-    ds, _ = build_dataset(str(out), RaymimConfig(train=TrainConfig(steps=2)))  # the trainer's reader
-    batch = next(iter(ds.iter_torch_batches(batch_size=2, collate_fn=BatchCollate())))
+    spec, _ = build_dataset(str(out), RaymimConfig(prepare=cfg, train=TrainConfig(steps=2)))  # the trainer's reader
+    batch = next(iter(crop_stream(spec, 0).iter_torch_batches(batch_size=2, collate_fn=BatchCollate())))
     assert tuple(batch["lesion_prob"].shape) == (2, 4, 4, 4)
     method = build_method("mps_ams", tiny_config("mps_ams", levels=1, mask_ratio=0.25, mps_mode="prior"))
     out_m = method(batch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import pytest
 import torch
@@ -11,19 +13,29 @@ from raymim.cli import main
 from raymim.config import config_from_dict
 from raymim.downstream.evaluate import quick_finetune, run_finetune
 from raymim.downstream.loop import finetune_budget, layer_decay_groups, train_cell, train_transforms
-from raymim.downstream.networks import build_segmentation_network, freeze_encoder, load_encoder
-from raymim.export.converters import EncoderKeyError
-from raymim.train.checkpoint import load_pretrained
+from raymim.downstream.networks import build_segmentation_network, freeze_encoder
+from raymim.weights import EncoderKeyError, load_encoder, load_pretrained
 
 
-def test_cli_finetune_pairs_logged(phantoms, vit_ckpt, mlflow_uri, tmp_path):
+def test_cli_finetune_pairs_logged(phantoms, vit_ckpt, mlflow_uri, tmp_path, capsys):
     out = tmp_path / "ft"
     sets = [f"finetune.{k}={v}" for k, v in FT.items()]
     argv = ["finetune", "--pretrained", str(vit_ckpt), "--data", str(phantoms), "--fractions", "0.5,1.0",
             "--seeds", "1", "--steps", "2", "--engine", "local", "--out", str(out)]
     for s in sets:
         argv += ["--set", s.replace("'", "")]
-    assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    # The console: the results table and where things went, each line once, and no third-party
+    # warning a user would see (DeprecationWarnings of libraries are hidden outside __main__).
+    shown = [w for w in caught if not issubclass(w.category, DeprecationWarning)]
+    assert not shown, [f"{w.filename}:{w.lineno}: {w.message}" for w in shown]
+    console = capsys.readouterr()
+    lines = [ln for ln in (console.out + console.err).splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("[raymim]")]
+    assert len(ours) == len(set(ours)), ours
+    assert len(lines) < 40, lines
     for name in ("results.csv", "summary.csv", "results.md", "dice_vs_fraction.png", "split.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "overlays").glob("*.png"))) == 1

@@ -14,8 +14,8 @@ from raymim.config import config_from_dict
 from raymim.downstream.networks import build_segmentation_network
 from raymim.export.bundle import build_bundle_network, check_metadata_structure, validate_bundle
 from raymim.export.commands import ExportRefused, export_checkpoint
-from raymim.export.converters import EncoderKeyError
 from raymim.train.checkpoint import write_checkpoint
+from raymim.weights import EncoderKeyError
 
 
 def test_export_unetr_cli(vit_checkpoint, tmp_path):

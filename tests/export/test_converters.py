@@ -7,7 +7,7 @@ import torch
 from export_fixtures import SWIN, tiny_swin, tiny_vit
 from monai.networks.nets import UNETR, SwinUNETR
 
-from raymim.export.converters import (
+from raymim.weights import (
     EncoderKeyError,
     check_encoder_load,
     infer_swin_args,

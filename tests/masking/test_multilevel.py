@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymim.masking import cube_block, level_box_sides, mim_levels
+from raymim.masking import crop_resize, cube_block, level_box_sides, mim_levels
 
 
 def _check_geometry(levels, grid: int) -> None:
@@ -82,3 +82,33 @@ def test_sides_and_blocks_and_errors():
         cube_block(32, 4, 40)
     with pytest.raises(ValueError, match="levels should be in the range"):
         mim_levels(torch.rand(1, 1, 32, 32, 32), 32, 8, [32, 16], 0.6, 2, levels=3)
+
+
+def test_gathered_crops_are_the_sliced_crops():
+    """Boxes on an accelerator are cut by index gathering (no host read): the same voxels as slicing."""
+    from raymim.masking.multilevel import gather_boxes
+
+    img = torch.rand(2, 2, 20, 22, 24)
+    g = torch.Generator().manual_seed(0)
+    starts = torch.stack([torch.randint(0, 20 - 7 + 1, (2, 3), generator=g) for _ in range(3)], -1)  # [2, 3, 3]
+    boxes = torch.cat([starts, starts + 7], -1)  # [2, 3, 6], side 7
+    expected = crop_resize(img, boxes, 7)  # host boxes: slicing
+    assert torch.equal(gather_boxes(img, boxes), expected)
+    assert torch.equal(gather_boxes(img, boxes, side=7), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_children_cover_every_fully_masked_cube(seed: int):
+    """The vectorised sampler draws from all fully masked cubes of a parent, not a fixed one."""
+    torch.manual_seed(seed)
+    img = torch.rand(1, 1, 32, 32, 32)
+    seen: set[int] = set()
+    for _ in range(40):
+        parent, child = mim_levels(img, 32, 8, [32, 16], 0.5, 4)
+        k, cubes = parent.block, 4 // parent.block
+        full = parent.mask.mask.view(cubes, k, cubes, k, cubes, k).amin(dim=(1, 3, 5)).flatten() > 0.5
+        tok = child.parent_token.flatten()
+        cube = (tok // 16 // k) * cubes * cubes + (tok // 4 % 4 // k) * cubes + (tok % 4 // k)
+        assert full[cube].all()  # every child comes from a fully masked cube
+        seen.update(int(c) for c in cube)
+    assert len(seen) == cubes**3  # over draws, every cube is used (each is fully masked half the time)

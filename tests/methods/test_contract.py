@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -38,7 +40,9 @@ def test_contract(name: str, backbone: str, volume: torch.Tensor):
     out = method(batch)
     assert isinstance(out, MethodOutput)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert all(isinstance(v, float) and math.isfinite(v) for v in out.metrics.values())
+    # Metrics stay tensors (detached, 0-d): the training loop converts them once per log_every.
+    assert all(torch.is_tensor(v) and v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
+    assert all(math.isfinite(float(v)) for v in out.metrics.values())
     assert {"loss", "mask_ratio"} <= set(out.metrics)
     assert {"input", "masked", "recon"} <= set(out.visuals)
     assert all(v.shape == (1, 32, 32, 32) and not v.requires_grad for v in out.visuals.values())
@@ -88,6 +92,80 @@ def test_bf16_autocast(name: str, backbone: str, volume: torch.Tensor):
     with autocast("bf16", torch.device("cpu")):
         out = method(batch)
     assert torch.isfinite(out.loss)
-    assert all(math.isfinite(v) for v in out.metrics.values())
+    assert all(math.isfinite(float(v)) for v in out.metrics.values())
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
+
+
+# ---- no host synchronisation in a training step ----------------------------------------------------
+#
+# On a GPU, reading a value of a device tensor on the host (``.item()``, ``float(t)``, ``if t:``,
+# ``.tolist()``, ``.numpy()``, ``.cpu()``, and data-dependent shapes such as ``nonzero`` or boolean
+# indexing) waits for every queued kernel: a host synchronisation. On the CPU these are free, so the
+# test runs the step on the ``meta`` device, which stands in for the accelerator: meta tensors have
+# shapes but no values, so any of those reads fails, while host-side bookkeeping on real CPU tensors
+# (random box positions, tokenizer output) works as it does next to a GPU. The reads named above
+# are also patched to raise a clear error for non-CPU tensors.
+
+SYNC_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextmanager
+def host_reads_of_device_tensors_raise() -> Iterator[None]:
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_READS}
+
+    def guarded(name: str, fn):
+        def read(self, *args, **kwargs):
+            if self.device.type != "cpu":
+                raise HostSync(f"Tensor.{name}() of a {self.device.type} tensor: a host synchronisation")
+            return fn(self, *args, **kwargs)
+
+        return read
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, guarded(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_the_sync_guard_catches_host_reads():
+    x = torch.ones(3, device="meta")
+    with host_reads_of_device_tensors_raise():
+        for read in (lambda: float(x.sum()), lambda: x.sum().item(), lambda: bool(x.any()), lambda: x.tolist(),
+                     lambda: x.cpu(), lambda: x[x > 0], lambda: x.nonzero()):
+            with pytest.raises((HostSync, RuntimeError, NotImplementedError)):
+                read()
+        assert float(torch.ones(()).sum()) == 1.0  # host tensors are untouched
+
+
+SYNC_CASES = CASES + [
+    ("mps_ams", "vit", {"levels": 1}),  # online MPS (k-means) on the MAE path
+    ("mps_ams", "vit", {"levels": 1, "mps_mode": "prior"}),
+    ("mps_ams", "vit", {"mps_mode": "prior", "level_sizes": [32, 16]}),  # prior on MiM levels
+    ("medim", "vit", {"medim_local": "finding", "medim_negatives": "domain"}),
+    ("medim", "vit", {"medim_mode": "sdm"}),
+]
+
+
+@pytest.mark.parametrize("case", SYNC_CASES, ids=lambda c: "-".join(str(v) for v in c[:2]) + ("+" if c[2:] else ""))
+def test_step_reads_nothing_back_from_the_accelerator(case: tuple, volume: torch.Tensor):
+    """Forward + backward of every registered method on the stand-in accelerator, with a batch as
+    the training loop hands it over (every tensor column moved to the device, text as lists)."""
+    name, backbone, *extra = case
+    torch.manual_seed(0)
+    method = build_method(name, tiny_config(name, backbone, **(extra[0] if extra else {}))).to("meta")
+    method.set_progress(3, 10)
+    batch = {"image": volume.repeat(2, 1, 1, 1, 1).to("meta"), "domain": ["site0", "site1"],
+             "report": ["A 12 mm hypodense lesion in the right liver.", "A 7 mm nodule in the left lung."],
+             "lesion_prob": torch.rand(2, 64).to("meta"), "case_id": ["a", "b"]}
+    with host_reads_of_device_tensors_raise():
+        out = method(batch)
+        out.loss.backward()
+    assert all(torch.is_tensor(v) and v.ndim == 0 for v in out.metrics.values())

@@ -8,12 +8,12 @@ import torch
 from raymim.config import load_config
 from raymim.train.checkpoint import (
     CheckpointMismatchError,
-    load_pretrained,
     model_config_hash,
     read_state,
     write_checkpoint,
 )
 from raymim.train.trainer import check_existing_checkpoints
+from raymim.weights import load_pretrained
 
 
 def _write(path, cfg, step=3):

@@ -165,17 +165,17 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, shards, tmp_
 
 
 def test_streaming_from_raw_scans(ray_session, shards, tmp_path):
-    """--data pointing at raw scans: crops come from the preparation pipeline, no shards written
-    (with gradient accumulation over 2 micro-batches)."""
+    """--data pointing at raw scans: the preparation pipeline feeds the same crop sampler, no shards
+    written (with gradient accumulation over 2 micro-batches)."""
     from raymim.train.trainer import build_dataset, pretrain
 
     manifest = next((shards.parent / "phantoms").glob("manifest.*"))
     overrides = _overrides(tmp_path, steps=3, every=3) + ["prepare.crop_size=[32,32,32]",
                                                           "prepare.crops_per_volume=2", "train.accumulation=2"]
     cfg = load_config(TINY, overrides)
-    ds, repeat = build_dataset(str(manifest), cfg)
-    assert ds.schema().names[0] == "image" and "case_id" not in ds.schema().names
-    assert repeat == 1  # the row count of raw scans is unknown before preparing them
+    spec, repeat = build_dataset(str(manifest), cfg)
+    assert spec["mode"] == "raw" and len(spec["items"]) == 6 and spec["rows"] == 12
+    assert repeat >= 1
     res = pretrain(cfg, str(manifest), name="streaming", storage=str(tmp_path / "ray"))
     assert res.final_loss is not None and res.checkpoint_path
     assert not list(tmp_path.rglob("*.parquet")), "streaming mode must not write shards"

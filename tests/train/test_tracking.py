@@ -39,8 +39,9 @@ def test_encoder_registered_and_loadable_from_the_registry(tmp_path, monkeypatch
     import torch
 
     from raymim.config import config_from_dict
-    from raymim.train.checkpoint import load_pretrained, write_checkpoint
+    from raymim.train.checkpoint import write_checkpoint
     from raymim.train.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, log_shards_input, register_encoder
+    from raymim.weights import load_pretrained
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -1,24 +1,32 @@
-"""Encoder state-dict converters to MONAI's own network layouts (timm's ``checkpoint_filter_fn`` idea).
+"""Encoder weights below their two users: checkpoints read, layouts converted, networks loaded.
 
-raymim's ViT encoder uses MONAI ``ViT``'s key layout (``patch_embedding.*``, ``blocks.N.*``,
-``norm.*``) and its Swin encoder is MONAI's ``SwinTransformer``, so the conversions are mostly
-prefixing, but each one also
+``raymim.export`` (MONAI bundle, UNETR / SwinUNETR files) and ``raymim.downstream`` (fine-tuning)
+both import this module and never each other; it imports neither (``tests/test_layering.py``).
 
-- strips wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``,
-  ``encoder.`` / ``backbone.`` from method wrappers),
-- renames the timm-style names peers' checkpoints use (``mlp.fc1`` -> ``mlp.linear1``,
-  ``attn.proj`` -> ``attn.out_proj``, ``patch_embed.proj`` -> ``patch_embedding.patch_embeddings``),
-- interpolates the ViT position embeddings (trilinear, on the 3D token grid) when the target
-  image size differs from the pretraining one,
-- fills the never-used ``norm_cross_attn`` LayerNorms of MONAI's ``TransformerBlock`` with
-  their identity initialisation when a checkpoint lacks them (MONAI creates them even without
-  cross-attention; they take no part in the forward pass),
+- :func:`load_pretrained` reads ``(encoder_state, config)`` from what ``raymim pretrain`` writes
+  (a checkpoint folder, an ``encoder.pt`` beside its ``config.yaml``, or an MLflow reference).
+- Converters (timm's ``checkpoint_filter_fn`` idea): raymim's ViT encoder uses MONAI ``ViT``'s key
+  layout (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``) and its Swin encoder is MONAI's
+  ``SwinTransformer``, so the conversions are mostly prefixing, but each one also
 
-and returns the keys it could not place, so callers can fail loudly on a missing key.
+  - strips wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``,
+    ``encoder.`` / ``backbone.`` from method wrappers),
+  - renames the timm-style names peers' checkpoints use (``mlp.fc1`` -> ``mlp.linear1``,
+    ``attn.proj`` -> ``attn.out_proj``, ``patch_embed.proj`` -> ``patch_embedding.patch_embeddings``),
+  - interpolates the ViT position embeddings (trilinear, on the 3D token grid) when the target
+    image size differs from the pretraining one,
+  - fills the never-used ``norm_cross_attn`` LayerNorms of MONAI's ``TransformerBlock`` with
+    their identity initialisation when a checkpoint lacks them (MONAI creates them even without
+    cross-attention; they take no part in the forward pass),
+
+  and returns the keys it could not place, so callers can fail loudly on a missing key.
+- :func:`load_encoder` puts an encoder state into a segmentation network (raymim's or MONAI's own
+  ``UNETR`` / ``SwinUNETR``) and raises :class:`EncoderKeyError` if any encoder key is missing.
 
 Example::
 
-    sd = to_unetr_state_dict(encoder_state, img_size=(96, 96, 96))
+    state, cfg = load_pretrained("runs/ray/mae-tiny/best")
+    sd = to_unetr_state_dict(state, img_size=(96, 96, 96))
     UNETR(1, 14, (96, 96, 96), hidden_size=768).load_state_dict(sd, strict=False)  # no missing vit.* key
 """
 
@@ -27,9 +35,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from raymim.config import ModelConfig, RaymimConfig, config_from_dict
+from raymim.train.checkpoint import CONFIG_FILE, ENCODER_FILE
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "model.")
 VIT_RENAMES = (
@@ -255,3 +269,65 @@ def check_encoder_load(missing: Sequence[str], unexpected: Sequence[str], prefix
     if enc_missing:
         raise EncoderKeyError(f"{len(enc_missing)} encoder key(s) missing, e.g. {enc_missing[:5]}")
     return report
+
+
+# Encoder prefix of each backbone's segmentation network (raymim's and MONAI's own classes).
+ENCODER_PREFIX = {"vit": "vit.", "swin": "swinViT.", "convvit": "vit."}
+
+
+def load_encoder(net: nn.Module, encoder_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig,
+                 roi_size: Sequence[int]) -> dict[str, object]:
+    """Load pretrained encoder weights into ``net``; raise if any encoder key is missing.
+
+    Returns ``{"loaded": n, "missing_encoder": [], "missing_other": [...], "unexpected": [...],
+    "filled": [...], "interpolated": [...]}`` (the decoder keys are the expected ``missing_other``).
+    """
+    notes: dict[str, list[str]] = {"filled": [], "interpolated": []}
+    backbone = model_cfg.backbone
+    if backbone in ("vit", "convvit"):
+        # ConvViT's token embedding runs after the conv stages: pass the overall patch size.
+        sd, notes = adapt_vit_state(encoder_state, img_size=tuple(roi_size), patch_size=model_cfg.patch_size)
+        sd = {f"vit.{k}": v for k, v in sd.items()}
+    else:
+        sd = to_swinunetr_state_dict(encoder_state)
+    prefix = ENCODER_PREFIX[backbone]
+    target = net.state_dict()
+    # Keys the encoder has but the network does not (e.g. MAE's mask token) are reported, not loaded.
+    unexpected = [k for k in sd if k not in target]
+    result = net.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    report = check_encoder_load(result.missing_keys, unexpected, prefix)
+    report["loaded"] = len(sd) - len(unexpected)  # type: ignore[assignment]
+    report.update(notes)
+    return report  # type: ignore[return-value]
+
+
+def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], RaymimConfig]:
+    """``(encoder_state_dict, config)`` from a checkpoint directory, an ``encoder.pt`` file with
+    ``config.yaml`` beside it, or an MLflow reference (``runs:/<id>/encoder`` or a bare run id)."""
+    path = _resolve(str(path))
+    if path.is_dir():
+        enc_file, cfg_file = path / ENCODER_FILE, path / CONFIG_FILE
+    else:
+        enc_file, cfg_file = path, path.parent / CONFIG_FILE
+    if not enc_file.is_file():
+        raise FileNotFoundError(f"no {ENCODER_FILE} at {path}")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} beside {enc_file}: cannot tell which backbone it is")
+    state = torch.load(enc_file, map_location="cpu", weights_only=True)
+    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    return state, cfg
+
+
+def _resolve(ref: str) -> Path:
+    local = Path(ref)
+    if local.exists():
+        return local
+    if ref.startswith("runs:/") or ref.startswith("models:/") or (len(ref) == 32 and ref.isalnum()):
+        import mlflow
+
+        from raymim.train.tracking import resolve_tracking_uri
+
+        uri = ref if "/" in ref else f"runs:/{ref}/encoder"
+        mlflow.set_tracking_uri(resolve_tracking_uri())
+        return Path(mlflow.artifacts.download_artifacts(uri))
+    raise FileNotFoundError(f"pretrained checkpoint not found: {ref}")
