@@ -9,8 +9,8 @@ Usage:
     from the run's MLflow metrics (the first ``--skip`` log windows and the step-1 window dropped).
 (b) ``torchrun --nproc_per_node 2`` running this file's DDP loop: the same method
     (``raymim.methods.build_method``), optimiser, schedule, clipping, augmentation, batch and
-    threads per process, on the same shards read with ``pyarrow.parquet`` into memory (no Ray);
-    each rank takes an equal share of rows and shuffles it per epoch. It logs windows the way the
+    threads per process, on the same shards: the same per-rank volume lists and crop sampler
+    (``raymim.data.stream``), read and cropped in the training process (no Ray). It logs windows the way the
     Ray loop does (samples/s over ``log_every`` steps, share of the window spent waiting for the
     next batch).
 
@@ -115,11 +115,10 @@ def run_ddp(a, rep: int) -> dict:
 def ddp_child(a) -> None:
     """One torchrun process: the DDP baseline loop (mirrors raymim.train.loop without Ray)."""
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
     import torch.distributed as dist
 
-    from raymim.data.shards import shard_files
+    from raymim.data.stream import epoch_items, stream_spec, volume_crops
     from raymim.methods import build_method
     from raymim.train.augment import augment_batch, build_augment
     from raymim.train.schedule import build_optimizer, build_scheduler, effective_batch
@@ -129,10 +128,8 @@ def ddp_child(a) -> None:
     torch.set_num_threads(a.threads)
     cfg = _cfg(a.config, _overrides(a))
     tc = cfg.train
-    images = np.concatenate([pq.read_table(f, columns=["image"])["image"].combine_chunks().to_numpy_ndarray()
-                             for f in shard_files(a.data)])
-    per_rank = len(images) // world
-    mine = images[rank * per_rank:(rank + 1) * per_rank]  # equal shares, like Ray's equal split
+    spec = stream_spec(a.data, cfg)  # the same volumes and crop sampler as the Ray reader, read in-process
+    crop_shape = tuple(spec["crop"]["size"])
     torch.manual_seed(tc.seed)
     method = build_method(cfg.method.name, cfg)
     model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
@@ -145,13 +142,16 @@ def ddp_child(a) -> None:
     step, epoch = 0, 0
     w_steps, w_wait, w_start = 0, 0.0, time.perf_counter()
     while step < tc.steps:
-        order = np.random.default_rng(tc.seed * 1000 + epoch + rank * 7).permutation(len(mine))
-        aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, True, tuple(mine.shape[1:]))
+        crops = (c["image"] for it in epoch_items(spec, epoch, rank, world) for c in volume_crops(it, spec))
+        aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, True, crop_shape)
         t_ready = time.perf_counter()
-        for i in range(0, len(order) - tc.batch_size + 1, tc.batch_size):
-            batch = {"image": torch.from_numpy(mine[np.sort(order[i:i + tc.batch_size])]).float().unsqueeze(1)}
+        while True:
+            chunk = [c for _, c in zip(range(tc.batch_size), crops)]
+            if len(chunk) < tc.batch_size:
+                break
+            batch = {"image": torch.from_numpy(np.stack(chunk)).float().unsqueeze(1)}
             w_wait += time.perf_counter() - t_ready
-            batch["image"] = augment_batch(batch["image"], aug)
+            batch = augment_batch(batch, aug)
             method.set_progress(step, tc.steps)
             out = model(batch)
             out.loss.backward()
