@@ -69,10 +69,12 @@ def check_input(value: str | None, option: str, *, shards: bool = False, scans: 
     if shards and not scans:
         raise UsageError(f"{option} {value}: not a folder of prepared shards (manifest.json + shards/*.parquet, "
                          "written by `raymim prepare`)")
-    from raymim.io.discover import discover_cases
+    from raymim.io.discover import ManifestError, discover_cases
 
     try:
         records = discover_cases(value)
+    except ManifestError as exc:  # names the bad row: that is the message
+        raise UsageError(f"{option} {value}: {exc}") from None
     except ValueError:
         records = []
     if labelled:

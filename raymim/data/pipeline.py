@@ -33,7 +33,7 @@ from raymim.config import ConfigError, PrepareConfig, config_hash
 from raymim.data import shards as shard_io
 from raymim.data.worker import case_descriptors, process_batch
 from raymim.io.deid import deid_key
-from raymim.io.discover import discover_cases
+from raymim.io.discover import discover, discover_cases
 from raymim.ray_session import ensure_ray
 
 __all__ = ["discover_cases", "prepare", "prior_model"]
@@ -153,9 +153,16 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     start = time.perf_counter()
     out = Path(out_dir).resolve()  # Ray workers run in another working directory
     try:
-        cases = discover_cases(input)
+        found = discover(input)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    cases = found.cases
+    # Files that are not image series (RTSTRUCT, SEG, READMEs, ...) and second copies of a scan:
+    # named on the console only (their paths never enter the dataset), counted in the summary.
+    for rec in found.skipped:
+        print(f"not an image: {rec['rel']}: {rec['reason']}", file=sys.stderr)
+    for rec in found.duplicates:
+        print(f"duplicate: {rec['rel']}: {rec['reason']}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         _reset(out)
@@ -175,7 +182,8 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     ds = _cases_dataset(cases, per_task).map_batches(
         process_batch, batch_size=per_task, fn_kwargs={"ctx": ctx}, num_cpus=1)
     statuses = [json.loads(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
-    return _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start)
+    summary = _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start)
+    return dict(summary, not_images=len(found.skipped), duplicates=len(found.duplicates))
 
 
 def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses: list[dict[str, Any]],
@@ -224,7 +232,8 @@ def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable one-block summary for the CLI."""
     return (f"cases: {summary['cases']} ok {summary['ok']} rejected {summary['rejected']} "
-            f"(skipped as already done: {summary['skipped']})\n"
+            f"(skipped as already done: {summary['skipped']}; not images: {summary.get('not_images', 0)}; "
+            f"duplicates written once: {summary.get('duplicates', 0)})\n"
             f"volumes: {summary['volumes']} ({summary['voxels'] / 1e6:.1f} M voxels) in {summary['shards']} shards, "
             f"{summary['bytes'] / 1e6:.1f} MB\n"
             f"throughput: {summary['volumes_per_s']:.2f} volumes/s, {summary['mb_per_s']:.1f} MB/s of input "

@@ -72,9 +72,10 @@ class LoadVolumed(MapTransform):
     """``LoadImage`` with :class:`VolumeReader` only (``LoadImaged(reader=...)`` would fall back
     to MONAI's default readers when ours rejects a file, hiding the reason)."""
 
-    def __init__(self, keys: str, validate: bool = True) -> None:
+    def __init__(self, keys: str, validate: bool = True, max_voxels: int | None = None) -> None:
         super().__init__(keys)
-        self.reader = VolumeReader(validate=validate)
+        self.reader = VolumeReader(validate=validate) if max_voxels is None else \
+            VolumeReader(validate=validate, max_voxels=max_voxels)
         with warnings.catch_warnings():  # MONAI builds every default reader; the nvImageCodec one warns
             # when its optional plugin is absent, though only VolumeReader is ever used here
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
@@ -117,9 +118,9 @@ def build_preprocess(cfg: PrepareConfig, with_label: bool) -> Compose:
         out = pre({"image": "ct.nii.gz", "label": "seg.nii.gz"})  # MetaTensors [1, X, Y, Z]
     """
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [LoadVolumed("image", validate=True)]
+    steps: list[Any] = [LoadVolumed("image", validate=True, max_voxels=cfg.max_voxels)]
     if with_label:
-        steps.append(LoadVolumed("label", validate=False))
+        steps.append(LoadVolumed("label", validate=False, max_voxels=cfg.max_voxels))
     steps += [
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
         Orientationd(keys, axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),

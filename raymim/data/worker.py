@@ -17,6 +17,7 @@ from raymim.config import PrepareConfig
 from raymim.data import shards as shard_io
 from raymim.io.checks import CaseRejected
 from raymim.io.deid import content_digest, keyed_id
+from raymim.io.discover import case_input
 
 _PREPROCESS: dict[tuple[str, bool], Any] = {}
 
@@ -52,7 +53,8 @@ def _reason(exc: BaseException, case: dict[str, Any]) -> str:
 
 def _input_bytes(case: dict[str, Any]) -> int:
     total = 0
-    for p in (case.get("image"), case.get("label")):
+    image = case_input(case)
+    for p in [*(image if isinstance(image, list) else [image]), case.get("label")]:
         if p and Path(p).is_dir():
             total += sum(f.stat().st_size for f in Path(p).iterdir() if f.is_file())
         elif p and Path(p).is_file():
@@ -80,7 +82,7 @@ def preprocess_case(case: dict[str, Any], cfg: PrepareConfig, cfg_hash: str) -> 
     from raymim.data.transforms import voxel_spacing
 
     with_label = bool(case.get("label"))
-    data = {"image": case["image"], **({"label": case["label"]} if with_label else {})}
+    data = {"image": case_input(case), **({"label": case["label"]} if with_label else {})}
     out = _preprocess(cfg, cfg_hash, with_label)(data)
     image = out["image"][0].numpy().astype(np.float32, copy=False)
     label = out["label"][0].numpy().astype(np.uint8) if with_label else None
@@ -126,7 +128,7 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
         status.update(case_id=cid, reason=case["error"], status="skipped" if skipped else "rejected")
         return status, None
     try:
-        digest = content_digest(case["image"], case.get("label"))
+        digest = content_digest(case_input(case), case.get("label"))
         status["input_bytes"] = _input_bytes(case)
     except OSError as exc:
         status.update(case_id=keyed_id(key, "input:" + case["rel"]), reason=f"unreadable input ({type(exc).__name__})")
