@@ -179,3 +179,35 @@ def test_streaming_from_raw_scans(ray_session, shards, tmp_path):
     res = pretrain(cfg, str(manifest), name="streaming", storage=str(tmp_path / "ray"))
     assert res.final_loss is not None and res.checkpoint_path
     assert not list(tmp_path.rglob("*.parquet")), "streaming mode must not write shards"
+
+
+def test_ctrl_c_ends_the_run_killed_with_a_resume_hint(ray_session, shards, tmp_path):
+    """SIGINT to the `raymim pretrain` process group, as Ctrl-C in a terminal sends it: exit 130,
+    one line naming the step to resume from, no traceback, and the MLflow run ends KILLED."""
+    import mlflow
+
+    storage, name = tmp_path / "ray", "ctrl-c"
+    cmd = [sys.executable, "-m", "raymim.cli", "pretrain", "--config", str(TINY), "--data", str(shards),
+           "--name", name, "--storage", str(storage)]
+    for o in _overrides(tmp_path, steps=200, every=2):
+        cmd += ["--set", o]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: any((storage / name).glob("checkpoint_*/meta.json")), 300, "the first checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _wait_for(lambda: not _train_worker_pids(), 120, "the interrupted run's workers to exit")
+    assert proc.returncode == 130, out[-3000:]
+    hint = [ln for ln in out.splitlines() if "[raymim] interrupted at step" in ln]
+    assert len(hint) == 1 and "rerun the same command to resume" in hint[0], out[-3000:]
+    assert "Traceback" not in out and "Handlers" not in out, out[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("test-pretrain")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert [r.info.status for r in runs] == ["KILLED"]
