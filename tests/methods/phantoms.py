@@ -11,24 +11,13 @@ import torch
 
 from raymim.config import PrepareConfig
 from raymim.data.patch_stats import PriorModel, fit_prior, lesion_prob, patch_descriptors
-from raymim.data.synth import LESION, _phantom
+from raymim.data.synth import LESION
+from raymim.data.synth import phantom_batch as phantom_batch  # re-exported for the method tests
 from raymim.masking.tokens import patchify
 
 # The generator's organ labels by (side, organ) as its reports name them.
 ORGAN_LABEL = {("right", "liver"): 2, ("right", "kidney"): 3, ("left", "kidney"): 4, ("right", "lung"): 5,
                ("left", "lung"): 6}
-
-
-def phantom_batch(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Phantoms (sites cycle 0, 1, 2) windowed to [0, 1] like `raymim prepare`: image, label, reports."""
-    rng = np.random.default_rng(seed)
-    ims, labs, reports = [], [], []
-    for i in range(n):
-        hu, lab, report, _ = _phantom(rng, size, i % 3)
-        ims.append(np.clip((hu + 1000.0) / 2000.0, 0, 1))
-        labs.append(lab)
-        reports.append(report)
-    return torch.tensor(np.stack(ims)).float()[:, None], torch.tensor(np.stack(labs))[:, None], reports
 
 
 def lesion_masking_factor(mask: torch.Tensor, lesion: torch.Tensor, ratio: float) -> float:
