@@ -52,6 +52,14 @@ def write_checkpoint(path: str | Path, *, state: dict[str, Any], encoder_state: 
     return path
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint folder ({} when it is missing or unreadable)."""
+    try:
+        return json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def read_state(path: str | Path, cfg: RaymimConfig | None = None) -> dict[str, Any]:
     """Load ``state.pt``; with ``cfg``, refuse a checkpoint from another configuration."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -92,29 +93,65 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                      None if np.isnan(gauss) else gauss))
 
 
-def _restore_state(run_dir: str | None, cfg: RaymimConfig) -> dict[str, Any] | None:
+def _restore_state(run_dir: str | None, cfg: RaymimConfig) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest of Ray Train's latest checkpoint and the checkpoints found in ``run_dir`` (local
     storage), so a checkpoint that reached storage just before a worker or the driver died, but
-    that Ray Train had not recorded yet, still counts. Unreadable (partly copied) ones are skipped."""
+    that Ray Train had not recorded yet, still counts. Unreadable (partly copied) ones are skipped.
+
+    Returns ``(state, unrecorded)``: ``unrecorded`` is the folder of the restored checkpoint when
+    it is one Ray Train's run snapshot does not list (else ``None``); :func:`_record_restored`
+    reports it so Ray Train keeps and prunes it like the checkpoints it recorded itself."""
     import ray.train
 
-    states = []
+    states: list[tuple[dict[str, Any], Path | None]] = []
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            states.append(ckpt.read_state(d, cfg))
+            states.append((ckpt.read_state(d, cfg), None))
     on_disk = sorted(Path(run_dir).glob("checkpoint_step*"), reverse=True) if run_dir else []
     for d in on_disk:
-        if states and int(states[0]["step"]) >= int(d.name.removeprefix("checkpoint_step") or 0):
+        if states and int(states[0][0]["step"]) >= int(d.name.removeprefix("checkpoint_step") or 0):
             break
         try:
-            states.append(ckpt.read_state(d, cfg))
+            states.append((ckpt.read_state(d, cfg), d))
             break
         except ckpt.CheckpointMismatchError:
             raise
         except Exception as exc:  # noqa: BLE001 - partly written when its writer died
             say(f"[raymim] ignoring unreadable checkpoint {d}: {exc}")
-    return max(states, key=lambda s: int(s["step"])) if states else None
+    if not states:
+        return None, None
+    return max(states, key=lambda s: int(s[0]["step"]))
+
+
+def _record_restored(unrecorded: Path | None, state: dict[str, Any] | None, rank: int, world: int,
+                     device: torch.device) -> None:
+    """Report a restored checkpoint Ray Train had not recorded (written by the workers of a killed
+    driver after its last recorded report), under its own folder name, so that Ray Train's run
+    snapshot lists it: ``keep_checkpoints`` then prunes the older ones, and the run's result points
+    at it even when no step is left to train. Every rank takes part (a report is collective); rank 0
+    reports a copy of the folder, as the files are rewritten in place."""
+    import ray.train
+
+    flag = torch.tensor([0 if unrecorded is None else 1], device=device)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if not int(flag.item()):
+        return
+    best = float(state.get("best", float("inf")))
+    meta = ckpt.read_meta(unrecorded) if unrecorded is not None else {}
+    # the same keys as a checkpoint report, so Tune's schedulers see the metric they select on
+    metrics = {"step": int(state["step"]), "epoch": int(state["epoch"]), "loss": float(meta.get("loss", best)),
+               "best_loss": best}
+    if rank != 0 or unrecorded is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / unrecorded.name
+        shutil.copytree(unrecorded, copy)
+        say(f"[raymim] recording checkpoint {unrecorded.name} (written after the last recorded one)")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)),
+                         checkpoint_dir_name=unrecorded.name)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -158,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step, epoch, consumed = 0, 0, 0
     best = float("inf")
-    state = _restore_state(config.get("run_dir"), cfg)
+    state, unrecorded = _restore_state(config.get("run_dir"), cfg)
     restored = state is not None
     if state is not None:
         method.load_state_dict(state["model"])
@@ -172,6 +209,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         random.seed(tc.seed + rank)
         np.random.seed(tc.seed + rank)
         torch.manual_seed(tc.seed + rank)  # different augmentations / masks per rank
+
+    _record_restored(unrecorded, state, rank, world, device)
 
     probe = None
     if config.get("probe") is not None and rank == 0:

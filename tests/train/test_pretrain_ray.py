@@ -8,6 +8,7 @@ checkpoint); both on the shared Ray session.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,10 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
     # the last k checkpoints are kept, plus the best one
     kept = sorted(p.name for p in (storage / name).glob("checkpoint_step*") if p.is_dir())
     assert kept[-1] == f"checkpoint_step{steps:08d}" and len(kept) <= cfg.train.keep_checkpoints
+    # Ray Train records the final checkpoint, also when the killed run's workers wrote it unrecorded
+    assert res.checkpoint_path and Path(res.checkpoint_path).name == kept[-1]
+    snapshot = json.loads((storage / name / "checkpoint_manager_snapshot.json").read_text())
+    assert sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]) == kept
     assert (storage / name / "best" / "encoder.pt").is_file()
 
     from raymim.train.checkpoint import CheckpointMismatchError
@@ -139,6 +144,36 @@ def test_interrupted_run_resumes_same_steps_and_mlflow_run(ray_session, shards, 
     with pytest.raises(CheckpointMismatchError):
         pretrain(load_config(TINY, overrides + ["method.mask_ratio=0.5"]), str(shards), name=name,
                  storage=str(storage))
+
+
+def test_unrecorded_final_checkpoint_is_recorded_on_resume(ray_session, shards, tmp_path):
+    """The workers of a killed driver can outlive it and write the last checkpoint after Ray Train
+    recorded its last report (seen on a loaded CI box). The state is built exactly: a finished run
+    whose run snapshot is put back to what Ray Train wrote after the first checkpoint. Resuming
+    records the unrecorded final checkpoint: Ray Train's result points at it, its snapshot lists
+    it, and no more than ``keep_checkpoints`` stay on disk."""
+    from raymim.train.trainer import pretrain
+
+    storage, name, steps, every = tmp_path / "ray", "unrecorded", 8, 4
+    cfg = load_config(TINY, _overrides(tmp_path, steps, every) + ["train.num_workers=1"])
+    pretrain(cfg, str(shards), name=name, storage=str(storage))
+    snap_file = storage / name / "checkpoint_manager_snapshot.json"
+    snap = json.loads(snap_file.read_text())
+    first = snap["checkpoint_results"][0]
+    assert first["checkpoint_dir_name"] == f"checkpoint_step{every:08d}"
+    snap.update(checkpoint_results=[first], checkpoint_report_indices=[0], latest_checkpoint_result=first,
+                current_report_index=1)
+    snap_file.write_text(json.dumps(snap))
+
+    res = pretrain(cfg, str(shards), name=name, storage=str(storage))
+    final = f"checkpoint_step{steps:08d}"
+    assert res.checkpoint_path and Path(res.checkpoint_path).name == final
+    listed = [r["checkpoint_dir_name"] for r in json.loads(snap_file.read_text())["checkpoint_results"]]
+    assert listed[-1] == final and len(listed) <= cfg.train.keep_checkpoints
+    kept = sorted(p.name for p in (storage / name).glob("checkpoint_step*") if p.is_dir())
+    assert kept == sorted(listed)
+    loss_steps = [m.step for m in _history(res.tracking_uri, res.mlflow_run_id, "train/loss")]
+    assert max(loss_steps) == steps and len(loss_steps) == steps, "nothing is trained twice"
 
 
 def test_killed_worker_restarts_from_latest_checkpoint(ray_session, shards, tmp_path):
