@@ -12,9 +12,13 @@ shards; then, side by side in one run:
    reference: the reader's own map function run in plain Ray tasks (no Ray Data), which
    separates the cost of reading + cropping from Ray Data's block transport.
 2. **Crops per second per CPU core**: one thread (``torch.set_num_threads(1)``) reading volumes,
-   sampling 96^3 float16 crops and applying the training augmentation (flips, rotations,
-   intensity) to each; with the GPU step rates of bench/results/gpu_h100_2026-11-23.md it gives
-   the cores one GPU needs.
+   sampling 96^3 float16 crops and augmenting them (flips, rotations, intensity) as the stream's
+   Ray Data map does (:mod:`raymim.data.augment`, numpy), against the MONAI per-sample
+   augmentation the training process ran before (same crops, same run); with the GPU step rates
+   of bench/results/gpu_h100_2026-11-23.md it gives the cores one GPU needs.
+2b. **Placement** ("placement"): the training reader end to end with the augmentation in the
+   Ray Data map (after) vs un-augmented stream + MONAI augmentation in the consuming process
+   (before): delivered crops/s and the consumer's busy time per crop.
 3. **Diversity**: distinct crop origins per volume over 10 passes, and the fraction of each
    volume's foreground covered by the union of those crops, against the fixed-crop layout this
    replaced (K crops cut once at prepare time: the coverage of pass 0 alone).
@@ -118,36 +122,104 @@ def throughput(shards: Path, passes: int, k: int, batch: int) -> dict:
             "reader_vs_plain_tasks": round(t_tasks / t_read, 3)}
 
 
+def _monai_augment():
+    """The training-process augmentation this replaced (the baseline): MONAI dictionary transforms
+    per sample on float32 tensors, as ``raymim.train.augment`` ran them before 2026-12-01."""
+    from monai.transforms import Compose, RandFlipd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd
+
+    keys = ["image"]
+    aug = Compose([*(RandFlipd(keys, prob=0.5, spatial_axis=a) for a in (0, 1, 2)),
+                   RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
+                   RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                   RandShiftIntensityd("image", offsets=0.1, prob=0.5)])
+    aug.set_random_state(seed=0)
+
+    def run(images):  # [B, 1, D, H, W] float32 -> the same, each sample augmented
+        import torch
+
+        out = [aug({"image": images[b]})["image"] for b in range(images.shape[0])]
+        return torch.stack([o.as_tensor() if hasattr(o, "as_tensor") else o for o in out])
+
+    return run
+
+
 def per_core(shards: Path, k: int, rounds: int) -> dict:
+    """One thread: read, crop, augment in numpy as the Ray Data map does (after), and the MONAI
+    per-sample augmentation the training process ran (before), per 96^3 crop."""
     import torch
 
+    from raymim.data.augment import augment_crops
     from raymim.data.crops import CropSpec, sample_crops
     from raymim.data.shards import read_volume, volume_index
-    from raymim.train.augment import augment_batch, build_augment
 
     torch.set_num_threads(1)
     index = volume_index(shards)
     spec = CropSpec((96, 96, 96), k=k, seed=0)
-    aug = build_augment(0, shape=(96, 96, 96))
-    t_read = t_crop = t_aug = 0.0
+    monai_aug = _monai_augment()
+    t_read = t_crop = t_aug = t_stack = t_monai = 0.0
     n = 0
     for r in range(rounds):
         for v in index:
             t0 = time.perf_counter()
             vol = read_volume(v["file"], v["row_group"], ["case_id"])
             t1 = time.perf_counter()
-            rows = sample_crops(vol, spec, r)
+            rows = sample_crops(vol, spec, r, copy=False)
             t2 = time.perf_counter()
-            for row in rows:
-                img = torch.from_numpy(row["image"].astype(np.float32))[None, None]
-                augment_batch({"image": img}, aug)
+            rows = augment_crops(rows, 0, r)
             t3 = time.perf_counter()
-            t_read, t_crop, t_aug, n = t_read + t1 - t0, t_crop + t2 - t1, t_aug + t3 - t2, n + len(rows)
-    total = t_read + t_crop + t_aug
-    rate = n / total
-    return {"crops": n, "crops_s_per_core": round(rate, 1), "ms_per_crop": {
-        "read": round(1e3 * t_read / n, 2), "crop": round(1e3 * t_crop / n, 2), "augment": round(1e3 * t_aug / n, 2)},
-        "cores_per_gpu": {name: round(gpu / rate, 1) for name, gpu in GPU_RATES.items() if name.endswith("96")}}
+            stacked = np.stack([row["image"] for row in rows])  # the map's one copy (views -> batch)
+            t4 = time.perf_counter()
+            monai_aug(torch.from_numpy(stacked.astype(np.float32))[:, None])
+            t5 = time.perf_counter()
+            t_read, t_crop, t_aug = t_read + t1 - t0, t_crop + t2 - t1, t_aug + t3 - t2
+            t_stack, t_monai, n = t_stack + t4 - t3, t_monai + t5 - t4, n + len(rows)
+    sampler = t_read + t_crop + t_stack
+    after = sampler + t_aug
+    before = sampler + t_monai
+    ms = {"read": t_read, "crop": t_crop, "stack": t_stack, "augment_numpy_in_map": t_aug,
+          "augment_monai_in_training_process": t_monai}
+    return {"crops": n, "ms_per_crop": {key: round(1e3 * t / n, 2) for key, t in ms.items()},
+            "crops_s_per_core": {"sampler_only": round(n / sampler, 1),
+                                 "sampler_plus_numpy_augment": round(n / after, 1),
+                                 "sampler_plus_monai_augment": round(n / before, 1)},
+            "augment_speedup_numpy_vs_monai": round(t_monai / max(t_aug, 1e-9), 1),
+            "cores_per_gpu": {name: {"after": round(gpu * after / n, 1), "before": round(gpu * before / n, 1)}
+                              for name, gpu in GPU_RATES.items() if name.endswith("96")}}
+
+
+def placement(shards: Path, passes: int, k: int, batch: int) -> dict:
+    """Where the augmentation runs, end to end through the training reader (Ray Data
+    ``crop_stream`` -> ``iter_torch_batches``): (before) un-augmented stream, MONAI augmentation
+    in the consuming (training) process per batch; (after) augmented in the stream's map, nothing
+    in the consumer. Reports delivered crops/s and the consumer's own busy time per crop, the
+    time the augmentation took from the training process's critical path."""
+    import torch
+
+    from raymim.config import PrepareConfig, RaymimConfig, TrainConfig
+    from raymim.data.stream import crop_stream, stream_spec
+    from raymim.train.loop import BatchCollate
+
+    torch.set_num_threads(1)
+    cfg = RaymimConfig(prepare=PrepareConfig(crops_per_volume=k), train=TrainConfig(seed=0))
+    monai_aug = _monai_augment()
+    out = {}
+    for name, in_map in (("warm", True), ("before_training_process", False), ("after_ray_data_map", True)):
+        spec = stream_spec(str(shards), cfg, augment=in_map)
+        t0, busy, crops = time.perf_counter(), 0.0, 0
+        for b in crop_stream(spec, 1, passes_per_epoch=passes).iter_torch_batches(
+                batch_size=batch, collate_fn=BatchCollate(), prefetch_batches=2):
+            t1 = time.perf_counter()
+            img = b["image"] if in_map else monai_aug(b["image"])
+            assert tuple(img.shape[1:]) == (1, 96, 96, 96)
+            busy += time.perf_counter() - t1
+            crops += img.shape[0]
+        wall = time.perf_counter() - t0
+        out[name] = {"crops": crops, "wall_s": round(wall, 3), "crops_s": round(crops / wall, 1),
+                     "consumer_augment_ms_per_crop": round(1e3 * busy / crops, 3)}
+    out.pop("warm")
+    out["crops_s_ratio_after_vs_before"] = round(out["after_ray_data_map"]["crops_s"]
+                                                 / out["before_training_process"]["crops_s"], 3)
+    return out
 
 
 def diversity(shards: Path, k: int, passes: int) -> dict:
@@ -201,7 +273,9 @@ def main() -> None:
     shards = prepare_real(Path(args.out))
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": args.cpus,
            "load_avg": os.getloadavg(), "throughput": throughput(shards, args.passes, args.k, args.batch),
-           "per_core": per_core(shards, args.k, args.rounds), "diversity": diversity(shards, args.k, args.passes),
+           "per_core": per_core(shards, args.k, args.rounds),
+           "placement": placement(shards, args.passes, args.k, args.batch),
+           "diversity": diversity(shards, args.k, args.passes),
            "storage": storage(shards, args.k)}
     print(json.dumps(res, indent=1))
 

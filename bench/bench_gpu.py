@@ -66,7 +66,11 @@ def config(name: str, backbone: str, overrides: dict, img: int) -> RaymimConfig:
 def make_batch(n: int, img: int, device: torch.device, seed: int = 0) -> dict:
     """``n`` generator phantoms (sites cycle 0, 1, 2) with their reports and sites, on ``device``."""
     image, _, reports = phantom_batch(n, img, seed=seed)
-    return {"image": image.to(device), "report": reports, "domain": [f"site{i % 3}" for i in range(n)]}
+    grid = img // 16
+    # MedIM scores its words on the MPS lesion prior (a random one here: timing only)
+    prior = torch.rand(n, grid, grid, grid, generator=torch.Generator().manual_seed(seed))
+    return {"image": image.to(device), "report": reports, "domain": [f"site{i % 3}" for i in range(n)],
+            "lesion_prob": prior.to(device)}
 
 
 def matmul_ceiling(device: torch.device) -> float:

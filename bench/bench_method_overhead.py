@@ -8,17 +8,11 @@ repetitions (the box is shared and noisy: only same-run ratios mean anything).
 
 Variants (``levels=1`` for MPS-AMS, i.e. MAE with MPS-AMS masks):
 
-* ``mps-embed-every1``: online k-means on the patch embeddings, refit every step;
-* ``mps-embed-every10``: the same, refit every 10th step (nearest cached centre in between):
-  each repetition times ``--block`` (10) consecutive steps of both the variant and MAE;
-* ``mps-tokens-every1``: descriptors from a no-grad pass of the whole encoder on all tokens;
+* ``mps-embed``: per-volume covariance clustering of the patch embeddings, every step;
+* ``mps-tokens``: the same on descriptors from a no-grad pass of the whole encoder on all tokens;
 * ``ams-only``: ``mps_mode="none"`` (random masking at the scheduled ratio): ~1.0x, a harness check;
 * ``medim-kdm`` / ``medim-sdm``: reports in the batch (keyword / sentence attention + alignment);
 * ``medim-noreport``: no ``report`` key (the random-masking fallback): ~1.0x expected;
-* ``medim-kdm-embedkeys`` / ``medim-kdm-tokenkeys``: KDM with ``medim_keys`` pinned to ``"embed"``
-  (patch keys from the patch embedding) / ``"tokens"`` (an all-token encoder pass with
-  gradients), only where ``MethodConfig`` has that field (``medim-kdm`` / ``-sdm`` use the
-  package default, printed in the first JSON line).
 
 MedIM is only used through ``build_method("medim", cfg)`` and ``{"image", "report"}`` batches, so
 the benchmark survives changes to its internals. ``--breakdown`` adds, per shape, a forward-time
@@ -74,18 +68,20 @@ SHAPES = {
 
 # name -> (method registry key, MethodConfig overrides, batch has reports, steps per timed call)
 VARIANTS: dict[str, tuple[str, dict, bool, int]] = {
-    "mps-embed-every1": ("mps_ams", dict(mps_mode="online", mps_features="embed", mps_every=1), False, 1),
-    "mps-embed-every10": ("mps_ams", dict(mps_mode="online", mps_features="embed", mps_every=10), False, 0),
-    "mps-tokens-every1": ("mps_ams", dict(mps_mode="online", mps_features="tokens", mps_every=1), False, 1),
+    "mps-embed": ("mps_ams", dict(mps_mode="online", mps_features="embed"), False, 1),
+    "mps-tokens": ("mps_ams", dict(mps_mode="online", mps_features="tokens"), False, 1),
     "ams-only": ("mps_ams", dict(mps_mode="none"), False, 1),
     "medim-kdm": ("medim", dict(medim_mode="kdm"), True, 1),
     "medim-sdm": ("medim", dict(medim_mode="sdm"), True, 1),
     "medim-noreport": ("medim", dict(medim_mode="kdm"), False, 1),
-    # Patch keys pinned (only where MethodConfig has ``medim_keys``; skipped otherwise): the patch
-    # embedding + position, or an all-token encoder pass with gradients.
-    "medim-kdm-embedkeys": ("medim", dict(medim_mode="kdm", medim_keys="embed"), True, 1),
-    "medim-kdm-tokenkeys": ("medim", dict(medim_mode="kdm", medim_keys="tokens"), True, 1),
 }
+
+
+def _batch(img: torch.Tensor, with_report: bool) -> dict:
+    """A timing batch; with reports also a ``lesion_prob`` prior on the token grid (MedIM needs it)."""
+    if not with_report:
+        return {"image": img}
+    return {"image": img, "report": list(REPORTS), "lesion_prob": torch.rand(img.shape[0], 4, 4, 4)}
 
 
 def available(variant: str) -> bool:
@@ -112,7 +108,7 @@ def make_image(size: int, kind: str) -> torch.Tensor:
 
 
 class Trainer:
-    """A method, its AdamW, a step counter (``set_progress``, so ``mps_every`` takes effect)."""
+    """A method, its AdamW, a step counter (``set_progress``, for the mask-ratio schedule)."""
 
     def __init__(self, shape: str, name: str, method_kw: dict, batch: dict) -> None:
         torch.manual_seed(0)  # same initial encoder / decoder weights for every variant
@@ -159,9 +155,8 @@ def _min_time(fn: Callable[[], object], reps: int) -> float:
 def time_variant(shape: str, variant: str, base: Trainer, img: torch.Tensor, reps: int, block: int) -> dict:
     name, kw, with_report, per_call = VARIANTS[variant]
     n = per_call or block
-    batch = {"image": img, "report": list(REPORTS)} if with_report else {"image": img}
+    batch = _batch(img, with_report)
     tr = Trainer(shape, name, kw, batch)
-    # n consecutive steps hold exactly one step number divisible by mps_every=n: one refit per block.
     t_var, t_mae = time_pair(lambda: tr.steps(n), lambda: base.steps(n), reps)
     v = [t / n for t in t_var]
     m = [t / n for t in t_mae]
@@ -287,7 +282,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     p.add_argument("--reps-tiny", type=int, default=15, help="repetitions per variant at the tiny shapes")
     p.add_argument("--reps-base", type=int, default=2, help="repetitions per variant at vit-b")
-    p.add_argument("--block", type=int, default=10, help="steps per timed call of mps-embed-every10")
+    p.add_argument("--block", type=int, default=10, help="steps per timed call of a variant whose per-call steps is 0")
     p.add_argument("--image", choices=("phantom", "rand"), default="phantom")
     p.add_argument("--breakdown", action="store_true", help="forward split per submodule + MPS parts")
     args = p.parse_args()
@@ -296,8 +291,7 @@ def main() -> None:
     load_before = os.getloadavg()
     print(json.dumps({"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
                       "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-                      "cpus": os.cpu_count(), "image": args.image, "loadavg_before": load_before,
-                      "medim_keys_default": getattr(MethodConfig(), "medim_keys", None)}), flush=True)
+                      "cpus": os.cpu_count(), "image": args.image, "loadavg_before": load_before}), flush=True)
     rows: list[dict] = []
     variants = [v for v in args.variants.split(",") if v]
     skipped = [v for v in variants if not available(v)]
@@ -318,7 +312,7 @@ def main() -> None:
             split = {"mae": forward_split(base, bd_reps)}
             for variant in variants:
                 name, kw, with_report, _ = VARIANTS[variant]
-                batch = {"image": img, "report": list(REPORTS)} if with_report else {"image": img}
+                batch = _batch(img, with_report)
                 split[variant] = forward_split(Trainer(shape, name, kw, batch), bd_reps)
             print(json.dumps({"shape": shape, "forward_split_s": split}), flush=True)
             print(json.dumps({"shape": shape, "mps_parts_s": mps_parts(base, img, bd_reps * 2)}), flush=True)

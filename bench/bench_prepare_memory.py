@@ -11,6 +11,11 @@ between the processes that map them, so the sum is not double counted) and plain
 reference. The peak is the largest sum seen; the baseline is the sum just before the measured
 run starts. Sizes are interleaved (small, large, small, large, ...); the minimum peak per size
 is reported.
+
+``--writer N,SIDE`` instead measures one task's shard writing in-process (``tracemalloc`` peak,
+numpy buffers included): N volumes of SIDE^3 float16 held as rows and written at the end (what
+the worker did before 2026-12-01) against :class:`raymim.data.shards.ShardWriter` (each volume
+its row group as it comes).
 """
 
 from __future__ import annotations
@@ -113,6 +118,38 @@ def _child(manifest: str, warm: str, out: str, shard_mb: int, crop: int) -> None
         "max_procs": sampler.max_procs, "samples": sampler.samples}), flush=True)
 
 
+def writer_peak(n: int, side: int, folder: Path) -> dict:
+    """Peak traced memory of writing ``n`` volumes of ``side``^3 into one shard, both ways."""
+    import tracemalloc
+
+    import numpy as np
+
+    from raymim.data import shards
+
+    sch = shards.schema("float16")
+
+    def row(i: int) -> dict:
+        image = np.random.default_rng(i).random((side,) * 3, dtype=np.float32).astype(np.float16)
+        return {"image": image, "shape": [side] * 3, "spacing": [1.5, 1.5, 2.0], "case_id": f"c{i}",
+                "label": None, "has_label": False}
+
+    tracemalloc.start()
+    rows = [row(i) for i in range(n)]
+    shards.write_shard(shards.rows_to_table(rows, sch), folder / "held.parquet", {"cases": []})
+    del rows
+    held = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    w = shards.ShardWriter(folder / "streamed", sch)
+    for i in range(n):
+        w.write(row(i))
+    w.commit({"cases": []}, ["x"])
+    streamed = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    mb = 1 / 2**20
+    return {"volumes": n, "volume_mb": round(side**3 * 2 * mb, 1), "held_rows_peak_mb": round(held * mb, 1),
+            "shard_writer_peak_mb": round(streamed * mb, 1), "held_vs_streamed": round(held / streamed, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", type=int, default=50)
@@ -123,7 +160,15 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=int, default=128)
     ap.add_argument("--workdir", default="/tmp/raymim-bench-mem")
     ap.add_argument("--child", nargs=3, metavar=("MANIFEST", "WARM", "OUT"))
+    ap.add_argument("--writer", default=None, metavar="N,SIDE", help="measure one shard's writer instead")
     a = ap.parse_args()
+    if a.writer:
+        n, side = (int(v) for v in a.writer.split(","))
+        folder = Path(a.workdir) / "writer"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        print(json.dumps(writer_peak(n, side, folder)))
+        return
     if a.child:
         _child(*a.child, a.shard_mb, a.crop)
         return

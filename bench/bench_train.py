@@ -10,7 +10,7 @@ Usage:
 (b) ``torchrun --nproc_per_node 2`` running this file's DDP loop: the same method
     (``raymim.methods.build_method``), optimiser, schedule, clipping, augmentation, batch and
     threads per process, on the same shards: the same per-rank volume lists and crop sampler
-    (``raymim.data.stream``), read and cropped in the training process (no Ray). It logs windows the way the
+    (``raymim.data.stream``), read, cropped and augmented in the training process (no Ray). It logs windows the way the
     Ray loop does (samples/s over ``log_every`` steps, share of the window spent waiting for the
     next batch).
 
@@ -120,7 +120,6 @@ def ddp_child(a) -> None:
 
     from raymim.data.stream import epoch_items, stream_spec, volume_crops
     from raymim.methods import build_method
-    from raymim.train.augment import augment_batch, build_augment
     from raymim.train.schedule import build_optimizer, build_scheduler, effective_batch
 
     dist.init_process_group("gloo")
@@ -129,7 +128,6 @@ def ddp_child(a) -> None:
     cfg = _cfg(a.config, _overrides(a))
     tc = cfg.train
     spec = stream_spec(a.data, cfg)  # the same volumes and crop sampler as the Ray reader, read in-process
-    crop_shape = tuple(spec["crop"]["size"])
     torch.manual_seed(tc.seed)
     method = build_method(cfg.method.name, cfg)
     model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
@@ -143,7 +141,6 @@ def ddp_child(a) -> None:
     w_steps, w_wait, w_start = 0, 0.0, time.perf_counter()
     while step < tc.steps:
         crops = (c["image"] for it in epoch_items(spec, epoch, rank, world) for c in volume_crops(it, spec))
-        aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, True, crop_shape)
         t_ready = time.perf_counter()
         while True:
             chunk = [c for _, c in zip(range(tc.batch_size), crops)]
@@ -151,7 +148,6 @@ def ddp_child(a) -> None:
                 break
             batch = {"image": torch.from_numpy(np.stack(chunk)).float().unsqueeze(1)}
             w_wait += time.perf_counter() - t_ready
-            batch = augment_batch(batch, aug)
             method.set_progress(step, tc.steps)
             out = model(batch)
             out.loss.backward()

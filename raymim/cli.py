@@ -1,4 +1,4 @@
-"""The ``raymim`` command line: synth, prepare, inspect, pretrain, finetune, tune, export, demo.
+"""The ``raymim`` command line: synth, prepare, inspect, pretrain, finetune, tune, export, evidence, demo.
 
 Each subcommand lives beside the code it drives (``raymim/data/commands.py`` and so on) and
 exposes ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. The module is imported
@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("raymim.downstream.commands", "fine-tune segmentation on a label fraction vs scratch"),
     "tune": ("raymim.tune.commands", "sweep hyperparameters with Ray Tune, scored downstream"),
     "export": ("raymim.export.commands", "export an encoder as a MONAI bundle or UNETR/SwinUNETR weights"),
+    "evidence": ("raymim.evidence", "pretrain every method, fine-tune against scratch at label fractions, "
+                                    "report the gain with a 95 % interval"),
     "demo": ("raymim.demo", "synth -> prepare -> pretrain on a local Ray instance, with a local MLflow store"),
 }
 
@@ -150,4 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m raymim.cli`: run the imported module's main, so that the UsageError the commands
+    # raise (raymim.cli.UsageError) is the class main() catches, not a copy in __main__
+    from raymim.cli import main as _main
+
+    sys.exit(_main())

@@ -88,6 +88,10 @@ class PrepareConfig:
     max_rejected: float = 0.2
     # Largest volume read (voxels in the header), checked before decoding: 1 Gi voxels = 4 GiB as float32.
     max_voxels: int = 1 << 30
+    # Most memory (GiB) one case may need, estimated from its header (raymim.data.memory); the
+    # task preparing it asks Ray for that much. A case needing more than this or than the largest
+    # Ray node's memory resource is rejected (and examined again by a rerun). null: the node's.
+    max_case_memory_gb: float | None = None
     seed: int = 0  # the MPS prior fit's sampling / clustering seed (crops use train.seed)
     # MPS prior mode (raymim.data.patch_stats): store a per-patch ``lesion_prob`` grid per volume
     # (aligned with it: patch (i, j, k) covers voxels [p i, p i + p) ...; crops are cut on multiples of
@@ -122,6 +126,8 @@ class PrepareConfig:
         _check_positive("prepare.shard_mb", self.shard_mb)
         _check_range("prepare.max_rejected", self.max_rejected, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_positive("prepare.max_voxels", self.max_voxels)
+        if self.max_case_memory_gb is not None:
+            _check_positive("prepare.max_case_memory_gb", self.max_case_memory_gb)
         _check_positive("prepare.prior_patch", self.prior_patch)
         if self.lesion_prior and any(int(s) % int(self.prior_patch) for s in self.crop_size):
             raise ValueError(f"prepare.prior_patch should divide prepare.crop_size={list(self.crop_size)}, "
@@ -217,6 +223,12 @@ class MethodConfig:
     # Defaults: the MiM reference code's 192 -> 96 -> 16 voxels at the stored spacing, with a
     # prepare.crop_size of 192^3 (the paper's 384 x 384 x 192 level 1 exceeds most resampled CTs).
     level_sizes: list[int] = field(default_factory=lambda: [192, 96, 16])
+    # MiM: range of the level-1 box's *volume* as a fraction of level_sizes[0]^3, drawn uniformly
+    # per training step (RandomResizedCrop-style; the box, resized to the network input, and every
+    # deeper level scale together, so level_sizes are the sizes at scale 1). The MiM reference
+    # crops a fixed 192^3 (none); 0.2 is the minimum of its (unused) crop_scale_min option and of
+    # MAE's RandomResizedCrop. [1.0, 1.0] turns it off. Not drawn at levels=1 (MiM = MAE there).
+    level1_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     # MiM: level-(l+1) volumes drawn from the masked cubes of level l, per sample (paper: 4).
     gamma: int = 4
     # MiM: weight of the cross-level alignment loss, L = L_R + alpha * L_C (paper Eq. 10: 0.1).
@@ -227,55 +239,42 @@ class MethodConfig:
     proj_dim: int = 128
     # AMS (adaptive masking strategy, raymim.masking.schedules): ratio over training progress.
     # "constant" uses mask_ratio; the others go from mask_ratio_start to mask_ratio_end (None:
-    # mask_ratio), holding the start ratio for the first mask_warmup fraction of training.
-    mask_schedule: str = "constant"
-    mask_ratio_start: float | None = None
+    # mask_ratio), holding the start ratio for the first mask_warmup fraction of training. Default:
+    # the paper's growing ratio, linear from 0.5 to mask_ratio (only mps_ams reads these fields).
+    mask_schedule: str = "linear"
+    mask_ratio_start: float | None = 0.5
     mask_ratio_end: float | None = None
     mask_warmup: float = 0.0
     mask_stages: int = 4  # number of plateaus of the "step" schedule
-    # MPS (masked patch selection, raymim.masking.selection). "online": k-means on the current
-    # encoder's patch features; "prior": the shards' lesion_prob column; "none": AMS only.
+    # MPS (masked patch selection, raymim.masking.selection). "online": clustering of the
+    # patch-to-patch similarity matrix of the current encoder's patch features, per volume;
+    # "prior": the shards' lesion_prob column; "none": AMS only.
     mps_mode: str = "online"
     mps_clusters: int = 4
-    mps_every: int = 1  # online: refit the k-means every N steps (nearest centre in between)
-    mps_iters: int = 10  # k-means iterations per refit
+    # online clustering of the similarity matrix: "kmeans" (torch, on the training device) or
+    # scikit-learn's "agglomerative" / "spectral" (on the host: one synchronisation per step)
+    mps_algorithm: str = "kmeans"
+    mps_iters: int = 10  # k-means iterations
     mps_features: str = "embed"  # online descriptors: "embed" (patch embedding) or "tokens" (encoder)
     mps_share: float = 1.0  # at most this share of the masked tokens comes from the lesion cluster
     mps_threshold: float = 0.5  # prior mode: lesion_prob >= threshold marks a lesion-cluster patch
-    # MedIM (report-guided masking): "kdm" keyword attention or "sdm" one sentence's attention.
+    # MedIM (report-guided masking; reads the shards' lesion_prob, prepare.lesion_prior): "kdm"
+    # keyword attention or "sdm" one sentence's attention.
     medim_mode: str = "kdm"
     medim_low_share: float = 0.1  # share of masked tokens drawn from low-attention patches
     medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
-    medim_align_weight: float = 1.0  # weight of the image-report alignment loss
-    # Patch keys of the word attention: "embed" (patch embedding + position), "tokens" (encoder, all
-    # tokens), "stats" ("embed" plus per-image z-scored patch intensity statistics), "prior"
-    # ("embed" plus the shards' MPS ``lesion_prob`` column, ``prepare.lesion_prior``),
-    # "prior_position" (position plus that column only: no other image content in the keys) or
-    # "position" (position only: each word learns *where* to look, the same map in every image)
-    medim_keys: str = "embed"
-    # Region features the word-region score pools: "keys" (the attention keys themselves, GLoRIA),
-    # "separate" (their own projection of the tokens, without the stats / prior terms), "prior"
-    # (the keys plus the ``lesion_prob`` term: how lesion-like the attended region is) or
-    # "prior_score" (the attended ``lesion_prob`` itself is the score, times a learned scale: no
-    # cosine with the query)
-    medim_values: str = "keys"
-    # Negatives of the alignment losses: "batch" (every other report / image of the batch) or
-    # "domain" (only those of the same ``domain``: site cues in reports and images cannot score).
-    medim_negatives: str = "batch"
-    # Word-region (local) loss: "report" (GLoRIA: report i's queries pick image i among the
-    # batch) or "finding" (each finding sentence's queries pick the images whose report holds a
-    # sentence with the same keywords: multi-positive, no false negatives from shared findings).
-    medim_local: str = "report"
+    medim_align_weight: float = 1.0  # weight of the alignment losses (finding + report-image)
     text_dim: int = 96
     text_layers: int = 1
     text_max_len: int = 64
     text_buckets: int = 4096  # hashed word-piece vocabulary of the built-in tokenizer
-    # HSSL / SimCLR: NT-Xent on two views + domain classification (+ masked reconstruction).
+    # HSSL: NT-Xent on two views + domain classification (+ masked reconstruction when rec_weight > 0).
+    # SimCLR reads only tau and proj_dim (NT-Xent on two augmented crops).
     domains: list[str] | None = None  # domain vocabulary; None: built from the data as seen
     max_domains: int = 16  # domain-head width when `domains` is None
     contrast_weight: float = 1.0
     domain_weight: float = 1.0
-    rec_weight: float = 1.0
+    rec_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("method.mask_ratio", self.mask_ratio, 0.0, 1.0)
@@ -289,17 +288,12 @@ class MethodConfig:
         _check_choice("method.mps_mode", self.mps_mode, ("online", "prior", "none"))
         if self.mps_clusters < 2:
             raise ValueError(f"method.mps_clusters should be >= 2, got {self.mps_clusters}.")
-        _check_positive("method.mps_every", self.mps_every)
+        _check_choice("method.mps_algorithm", self.mps_algorithm, ("kmeans", "agglomerative", "spectral"))
         _check_positive("method.mps_iters", self.mps_iters)
         _check_choice("method.mps_features", self.mps_features, ("embed", "tokens"))
         _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
         _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
-        _check_choice("method.medim_keys", self.medim_keys, ("tokens", "embed", "stats", "prior", "prior_position",
-                                                                 "position"))
-        _check_choice("method.medim_values", self.medim_values, ("keys", "separate", "prior", "prior_score"))
-        _check_choice("method.medim_negatives", self.medim_negatives, ("batch", "domain"))
-        _check_choice("method.medim_local", self.medim_local, ("report", "finding"))
         _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
         for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):
             _check_positive(f"method.{name}", getattr(self, name))
@@ -319,6 +313,8 @@ class MethodConfig:
             )
         if any(b > a for a, b in zip(self.level_sizes, self.level_sizes[1:])):
             raise ValueError(f"method.level_sizes should not increase from level to level, got {self.level_sizes}.")
+        if len(self.level1_scale) != 2 or not 0.0 < self.level1_scale[0] <= self.level1_scale[1] <= 1.0:
+            raise ValueError(f"method.level1_scale should be [lo, hi] with 0 < lo <= hi <= 1, got {self.level1_scale}.")
         _check_positive("method.gamma", self.gamma)
         if self.alpha < 0:
             raise ValueError(f"method.alpha should be >= 0, got {self.alpha}.")
@@ -328,18 +324,18 @@ class MethodConfig:
 _RECON = {"mask_ratio", "norm_pix_loss", "recon_loss", "mask_block"}
 _LEVELS = {"levels", "level_sizes", "gamma", "alpha", "tau", "proj_dim"}
 _SCHEDULE = {"mask_schedule", "mask_ratio_start", "mask_ratio_end", "mask_warmup", "mask_stages"}
-_MPS = {"mps_mode", "mps_clusters", "mps_every", "mps_iters", "mps_features", "mps_share", "mps_threshold"}
+_MPS = {"mps_mode", "mps_clusters", "mps_algorithm", "mps_iters", "mps_features", "mps_share", "mps_threshold"}
 _CONTRAST = {"mask_ratio", "norm_pix_loss", "recon_loss", "proj_dim", "tau", "contrast_weight", "rec_weight"}
 # method.name -> the MethodConfig fields that method reads (the rest are ignored by it).
 METHOD_FIELDS: dict[str, set[str]] = {
     "mae": _RECON,
     "simmim": _RECON,
-    "mim": _RECON | _LEVELS,
+    "mim": _RECON | _LEVELS | {"level1_scale"},
     "mps_ams": _RECON | _LEVELS | _SCHEDULE | _MPS,
     "medim": _RECON | {"proj_dim", "tau"} | {f.name for f in dataclasses.fields(MethodConfig)
                                              if f.name.startswith(("medim_", "text_"))},
     "hssl": _CONTRAST | {"domains", "max_domains", "domain_weight"},
-    "simclr": _CONTRAST,
+    "simclr": {"proj_dim", "tau"},
 }
 
 
@@ -351,7 +347,7 @@ def ignored_method_fields(mc: MethodConfig) -> set[str]:
     every = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
     used = set(METHOD_FIELDS.get(mc.name, every))
     if mc.name in ("mim", "mps_ams") and mc.levels == 1:
-        used -= {"gamma", "alpha", "tau", "proj_dim"}
+        used -= {"gamma", "alpha", "tau", "proj_dim", "level1_scale"}
     if "mask_schedule" in used:
         if mc.mask_schedule == "constant":
             used -= _SCHEDULE - {"mask_schedule"}
@@ -361,10 +357,12 @@ def ignored_method_fields(mc: MethodConfig) -> set[str]:
             if mc.mask_ratio_start is not None and mc.mask_ratio_end is not None:
                 used.discard("mask_ratio")
     if "mps_mode" in used:
-        used -= {"none": _MPS - {"mps_mode"}, "prior": {"mps_clusters", "mps_every", "mps_iters", "mps_features"},
+        used -= {"none": _MPS - {"mps_mode"}, "prior": {"mps_clusters", "mps_algorithm", "mps_iters", "mps_features"},
                  "online": {"mps_threshold"}}[mc.mps_mode]
-    if mc.name in ("hssl", "simclr") and mc.rec_weight == 0:
-        used -= {"norm_pix_loss", "recon_loss"}
+    if "mps_algorithm" in used and mc.mps_algorithm != "kmeans":
+        used.discard("mps_iters")
+    if mc.name == "hssl" and mc.rec_weight == 0:  # no reconstruction: the views are not masked
+        used -= {"mask_ratio", "norm_pix_loss", "recon_loss"}
     return every - used
 
 
@@ -460,6 +458,9 @@ class FinetuneConfig:
     # Layer-wise LR decay of the pretrained encoder (BEiT / MAE fine-tuning): block i of L gets
     # lr x layer_decay^(L + 1 - i), the patch embedding layer_decay^(L + 1); 1.0 turns it off.
     layer_decay: float = 1.0
+    # Training crops by label (MONAI RandCropByPosNegLabeld): the share of crops centred on a
+    # label voxel, pos / (pos + neg); 0.5 is MONAI's BTCV recipe (pos = neg = 1).
+    pos_fraction: float = 0.5
     # MONAI's BTCV training augmentation after the positive/negative crop: flips on each axis
     # and 90-degree rotations (p 0.1), intensity scale (p 0.1) and shift (+-0.1, p 0.5).
     augment: bool = True
@@ -502,6 +503,7 @@ class FinetuneConfig:
             raise ValueError(f"finetune.min_steps should be <= finetune.max_steps, got {self.min_steps} > "
                              f"{self.max_steps}.")
         _check_range("finetune.warmup_fraction", self.warmup_fraction, 0.0, 1.0, lo_open=False)
+        _check_range("finetune.pos_fraction", self.pos_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
         _check_range("finetune.layer_decay", self.layer_decay, 0.0, 1.0, hi_open=False)
         _check_choice("finetune.select", self.select, ("best_val", "last"))
         _check_range("finetune.val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False)

@@ -8,11 +8,15 @@ instead of calling ``ray.init`` itself. Real scans come from ``$RAYMIM_TEST_DATA
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# `raymim prepare` keeps its de-identification key in a per-user file outside the dataset
+# (raymim.io.deid); tests (and the commands they run) use one of their own, never the user's.
+os.environ["RAYMIM_DEID_KEY_FILE"] = os.path.join(tempfile.mkdtemp(prefix="raymim-test-key-"), "deid.key")
 SHARED_DATA = Path(os.environ.get("RAYMIM_TEST_DATA", REPO.parent / "shared" / "data"))
 
 

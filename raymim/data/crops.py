@@ -28,6 +28,11 @@ foreground voxel with label 0, and the box is then shifted to lie inside the vol
 ``allow_smaller=False`` behaviour). A volume without label voxels falls back to negatives.
 
 Volumes smaller than the crop are zero-padded at the far end (0 = air after windowing).
+
+**Augmentation** (flips, 90-degree rotations, intensity scale and shift) is applied to the
+training stream's crops right after they are cut, in the same Ray Data task
+(:mod:`raymim.data.augment`, seeded by (run seed, pass, case, crop index)); the sampler itself
+returns un-augmented crops (the probe's crops stay so).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ PROBE_PASS = -1
 # Volume columns copied onto every crop row (when present).
 CARRIED = ("case_id", "domain", "modality", "report", "spacing")
 
-__all__ = ["ATTEMPTS", "FOREGROUND", "PROBE_PASS", "CropSpec", "crop_rng", "is_foreground", "sample_crops",
+__all__ = ["ATTEMPTS", "FOREGROUND", "PROBE_PASS", "CropSpec", "case_key", "crop_rng", "is_foreground", "sample_crops",
            "sample_origins"]
 
 
@@ -85,13 +90,18 @@ class CropSpec:
         return cls(tuple(d["size"]), d["k"], d["min_foreground"], d["pos_fraction"], d["align"], d["seed"])
 
 
+def case_key(case_id: str) -> int:
+    """The seed word of a case: the first 48 bits of its keyed (hex) id, or of the SHA-256 of
+    a caller's own name."""
+    try:
+        return int(case_id[:12], 16)
+    except ValueError:  # not a hex id (a caller's own name): hash it
+        return int(hashlib.sha256(case_id.encode()).hexdigest()[:12], 16)
+
+
 def crop_rng(seed: int, pass_index: int, case_id: str) -> np.random.Generator:
     """The generator of ``case_id``'s crops in pass ``pass_index`` (see the module docstring)."""
-    try:
-        key = int(case_id[:12], 16)
-    except ValueError:  # not a hex id (a caller's own name): hash it
-        key = int(hashlib.sha256(case_id.encode()).hexdigest()[:12], 16)
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(pass_index) + 1, key])
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(pass_index) + 1, case_key(case_id)])
 
 
 def _threshold(dtype: np.dtype) -> float:

@@ -1,9 +1,11 @@
 """``raymim inspect``: what training will see in a folder of prepared shards, before GPU hours go in.
 
 Prints the stored volumes (count, voxels, bytes on disk, spacing and dtype), then ``--samples N``
-crops drawn by the training sampler itself (:func:`raymim.data.crops.sample_crops`, data pass 0
-in the order a single worker reads it, with the run seed ``--seed`` and the crop settings of the
-config): case id, origin, size and foreground fraction. ``--png FILE`` renders the crops' middle
+crops drawn and augmented as the training stream draws them (:func:`raymim.data.crops.sample_crops`
+then :func:`raymim.data.augment.augment_crops`, data pass 0 in the order a single worker reads
+it, with the run seed ``--seed`` and the crop settings of the config): case id, origin, size,
+foreground fraction and the augmentation drawn (flipped axes, quarter turns, intensity scale and
+shift); the arrays are the augmented crops training receives. ``--png FILE`` renders the crops' middle
 axial slices as a grid. Reads the shards with pyarrow directly; no Ray.
 
 Example::
@@ -37,6 +39,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def inspect_shards(data: str, cfg: Any, samples: int = 8, seed: int | None = None) -> dict[str, Any]:
     """The report ``raymim inspect`` prints (``cfg``: a :class:`raymim.config.RaymimConfig`), plus
     the sampled crops' arrays under the private key ``_images``."""
+    from raymim.data.augment import augment_crops
     from raymim.data.crops import CropSpec, sample_crops
     from raymim.data.shards import read_volume, shard_files, volume_index
     from raymim.data.stream import epoch_items
@@ -55,16 +58,18 @@ def inspect_shards(data: str, cfg: Any, samples: int = 8, seed: int | None = Non
     }
     run_seed = cfg.train.seed if seed is None else seed
     spec = CropSpec.from_config(cfg.prepare, run_seed)
-    report["sampler"] = spec.to_dict()
+    report["sampler"] = dict(spec.to_dict(), augment=True)
     crops, images = [], []
     items = epoch_items({"items": index, "seed": run_seed}, 0, 0, 1)
     for item in items:
         if len(crops) >= samples:
             break
         vol = read_volume(item["file"], item["row_group"], ["case_id"])
-        for row in sample_crops(vol, spec, 0)[: samples - len(crops)]:
+        rows = augment_crops(sample_crops(vol, spec, 0), spec.seed, 0, record=True)  # what the stream yields
+        for row in rows[: samples - len(crops)]:
             crops.append({"case_id": row["case_id"], "origin": [int(v) for v in row["origin"]],
-                          "size": list(spec.size), "foreground": round(float(row["foreground"]), 4)})
+                          "size": list(spec.size), "foreground": round(float(row["foreground"]), 4),
+                          "augment": row["augment"]})
             images.append(np.asarray(row["image"], np.float32))
     report["crops"] = crops
     report["_images"] = images
@@ -101,9 +106,11 @@ def _format(report: dict[str, Any]) -> str:
                      f"shape: {report['shape']['min']} .. {report['shape']['max']}")
     s = report["sampler"]
     lines.append(f"sampler: {s['k']} crops of {s['size']} per volume read, min_foreground {s['min_foreground']}, "
-                 f"seed {s['seed']}")
+                 f"seed {s['seed']}, augmented")
     for c in report["crops"]:
-        lines.append(f"  {c['case_id']}  origin {c['origin']}  size {c['size']}  foreground {c['foreground']:.3f}")
+        a = c["augment"]
+        lines.append(f"  {c['case_id']}  origin {c['origin']}  size {c['size']}  foreground {c['foreground']:.3f}  "
+                     f"flips {a['flips']} rot90 x{a['rot90']} intensity x{a['scale']:.3f} {a['shift']:+.3f}")
     return "\n".join(lines)
 
 

@@ -1,17 +1,32 @@
-"""``raymim prepare`` on Ray Data: discover -> read + preprocess + write volume shards -> manifest.
+"""``raymim prepare`` on Ray tasks: discover -> estimate memory -> read + preprocess + write shards -> manifest.
 
-Execution: the case list (small: one JSON record per input) becomes a Ray Dataset with one block
-per batch of cases; ``map_batches`` runs :func:`raymim.data.worker.process_batch` as tasks with
-``num_cpus=1``, so every CPU of every node works on a batch and each task holds at most one
-decoded volume plus one shard's worth of preprocessed volumes (``prepare.shard_mb``). Volumes
-never go through the object store: each task writes its own shards (temp name, then atomic
-rename) and returns only small status records. Memory therefore stays flat with the number of
-volumes. No crop is cut here: training draws fresh crops from the stored volumes every pass
-(:mod:`raymim.data.crops`, :mod:`raymim.data.stream`).
+Execution: discovery gives one small JSON record per input. A first pass of Ray tasks reads each
+case's header and estimates the memory preparing it takes (:mod:`raymim.data.memory`); a case
+that needs more than the largest Ray node offers (or ``prepare.max_case_memory_gb``) is rejected
+there with that reason, instead of being OOM-killed and retried by Ray without end. The others
+are grouped into batches of cases with similar estimates, and each batch runs
+:func:`raymim.data.worker.prepare_batch` as one Ray task with ``num_cpus=1`` and
+``memory=`` its largest estimate, so Ray never starts more volumes on a node than its memory
+holds. A task streams: each volume is written as its own row group as soon as it is
+preprocessed, so it holds one decoded volume at a time whatever ``prepare.shard_mb`` is, and
+memory stays flat with the number of volumes. Volumes never go through the object store: each
+task writes its own shards (temp name, then atomic rename) and returns only small status
+records. A batch whose worker dies (out of memory, a crash in a decoder, a lost node) is run
+again one case per task, so the case that brought it down is rejected alone. No crop is cut
+here: training draws fresh crops from the stored volumes every pass (:mod:`raymim.data.crops`,
+:mod:`raymim.data.stream`).
+
+One run per output folder: a second ``prepare`` on the same ``out`` stops with
+:class:`raymim.data.lock.PrepareLocked` (exit 2) while the first holds ``<out>/.raymim-prepare.lock``;
+a crashed run's lock is taken over (:mod:`raymim.data.lock`).
 
 Resume: a case is finished once a committed shard (or volume-less status record) names its
-case id (keyed hash of its content) under the same config hash; a rerun skips it. ``--overwrite``
-deletes previous shards, status records and reports first.
+case id (keyed hash of its content) under the same config hash; a rerun skips it. Rejections
+caused by the machine, not the file (``"retry"`` in the record: unreadable input, out of memory,
+too large for every node, a dead worker) are examined again by every rerun, and so is a case
+whose file changed (a new content, a new case id) or appeared (a manifest row whose file was
+missing). The manifest and quarantine list only rejections of cases in this run's input, each
+case by its latest record. ``--overwrite`` deletes previous shards, status records and reports first.
 """
 
 from __future__ import annotations
@@ -31,9 +46,12 @@ from typing import Any
 from raymim.atomic import write_text_atomic
 from raymim.config import ConfigError, PrepareConfig, config_hash
 from raymim.data import shards as shard_io
-from raymim.data.worker import case_descriptors, process_batch
-from raymim.io.deid import deid_key
+from raymim.data.lock import OutputLock
+from raymim.data.memory import estimate_cases, largest_node_memory, request_bytes
+from raymim.data.worker import case_descriptors, commit_statuses, prepare_batch, process_case
+from raymim.io.deid import dataset_key, deid_key, keyed_id
 from raymim.io.discover import discover, discover_cases
+from raymim.io.operator_report import report_path, write_operator_report
 from raymim.ray_session import ensure_ray
 
 __all__ = ["discover_cases", "prepare", "prior_model"]
@@ -47,10 +65,13 @@ def _context(cfg: PrepareConfig, key: bytes, out: Path | None, keep_paths: bool,
 
 # Crop-sampler settings that change only what training cuts, not what is stored.
 SAMPLER_FIELDS = ("crops_per_volume", "crop_pos_fraction")
+# Settings of how a run uses the cluster, not of what it stores (a rerun may change them).
+RUNTIME_FIELDS = ("max_case_memory_gb",)
+TASK_NAME = "raymim-prepare"  # the Ray task name of a batch (``ray list tasks``, the dashboard)
 
 
 def _run_hash(cfg: PrepareConfig, keep_paths: bool) -> str:
-    stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLER_FIELDS}
+    stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLER_FIELDS + RUNTIME_FIELDS}
     return config_hash({"prepare": stored, "keep_paths": keep_paths, "schema_version": shard_io.SCHEMA_VERSION})
 
 
@@ -66,11 +87,121 @@ def streaming_context(input: str | os.PathLike, cfg: PrepareConfig) -> tuple[lis
     return cases, ctx
 
 
-def _cases_dataset(cases: list[dict[str, Any]], per_block: int) -> Any:
+def _system_failures() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a task whose worker or node died (not an exception of our code)."""
+    import ray.exceptions as rx
+
+    names = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "ObjectLostError", "LocalRayletDiedError",
+             "TaskUnschedulableError")
+    return tuple(getattr(rx, n) for n in names if hasattr(rx, n))
+
+
+def _task_options(memory: int | None, retries: int) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": 1, "max_retries": retries, "name": TASK_NAME}
+    if memory:
+        opts["memory"] = int(memory)
+    return opts
+
+
+def memory_plan(cases: list[dict[str, Any]], cfg: PrepareConfig) -> tuple[list[int | None], int, int]:
+    """``(estimates, limit, node)``: each case's estimated bytes (None: no readable header; Ray
+    tasks read the headers, in parallel), the most one case may need (``limit``: the largest
+    node's ``memory`` resource, capped by ``prepare.max_case_memory_gb``) and that node's
+    resource (``node``, 0 when Ray reports none: then no task asks for memory)."""
     import ray
 
-    items = [{"case": json.dumps(c)} for c in cases]
-    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_block)))
+    node = largest_node_memory()
+    limit = node or (1 << 62)
+    if cfg.max_case_memory_gb is not None:
+        limit = min(limit, int(cfg.max_case_memory_gb * (1 << 30)))
+    if not cases:
+        return [], limit, node
+    chunk = max(16, math.ceil(len(cases) / (4 * _cluster_cpus())))
+    task = ray.remote(estimate_cases).options(num_cpus=1, name=f"{TASK_NAME}-estimate")
+    refs = [task.remote(cases[i:i + chunk], dataclasses.asdict(cfg)) for i in range(0, len(cases), chunk)]
+    return [e for part in ray.get(refs) for e in part], limit, node
+
+
+def too_large_reason(estimate: int, limit: int, node: int, cfg: PrepareConfig) -> str:
+    """Why a case is rejected before it is read: its memory estimate exceeds ``limit``."""
+    where = "prepare.max_case_memory_gb" if cfg.max_case_memory_gb is not None and \
+        (not node or limit < node) else "the largest Ray node's memory"
+    return (f"needs about {estimate / (1 << 30):.1f} GiB of memory to prepare (estimated from its header), more "
+            f"than {where} ({limit / (1 << 30):.1f} GiB); a larger node or a coarser prepare.spacing fits it")
+
+
+def plan_batches(cases: list[dict[str, Any]], estimates: list[int | None], per_task: int, limit: int,
+                 node: int) -> tuple[list[tuple[list[dict[str, Any]], int | None]], list[tuple[dict[str, Any], int]]]:
+    """``(batches, too_large)``: tasks as ``(cases, memory request)``, largest requests first, at
+    most ``per_task`` cases each and never a case with less than half its batch's request (so a
+    small volume does not hold a large one's memory); and the ``(case, estimate)`` pairs over ``limit``."""
+    fits, too_large = [], []
+    for case, est in zip(cases, estimates):
+        if est is not None and est > limit:
+            too_large.append((case, est))
+        else:
+            fits.append((case, min(request_bytes(est), limit) if node else None))
+    fits.sort(key=lambda ce: -(ce[1] or 0))  # stable: discovery order within one request size
+    batches: list[tuple[list[dict[str, Any]], int | None]] = []
+    for case, req in fits:
+        if not batches or len(batches[-1][0]) >= per_task or (req or 0) < (batches[-1][1] or 0) // 2:
+            batches.append(([], req))
+        batches[-1][0].append(case)
+    return batches, too_large
+
+
+def _done(commits: list[dict[str, Any]]) -> set[str]:
+    """Case ids a run skips: every committed case but the rejections marked ``retry``."""
+    return {c["case_id"] for r in commits for c in r["cases"] if not c.get("retry")}
+
+
+def _driver_status(case: dict[str, Any], ctx: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The status record of a case rejected by the driver (never read): keyed by its input, and
+    marked ``retry`` (the next run examines it again)."""
+    status = {"index": case["index"], "case_id": keyed_id(bytes.fromhex(ctx["key"]), "input:" + case["rel"]),
+              "status": "rejected", "reason": reason, "voxels": 0, "domain": case.get("domain"),
+              "input_bytes": 0, "retry": True}
+    if ctx.get("keep_paths"):
+        status["source"] = case["rel"]
+    return status
+
+
+def _run_batches(batches: list[tuple[list[dict[str, Any]], int | None]], ctx: dict[str, Any], out: Path,
+                 progress: bool) -> list[dict[str, Any]]:
+    """Run :func:`prepare_batch` as one Ray task per batch; returns every case's status record.
+
+    A batch whose worker died is split into one task per case (with the cases its shards had
+    committed before it died marked done); a single case whose worker dies is rejected."""
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(prepare_batch)
+    failures = _system_failures()
+    ctx_ref = ray.put(ctx)
+    pending = {task.options(**_task_options(mem, 2)).remote([json.dumps(c) for c in cases], ctx_ref): (cases, mem)
+               for cases, mem in batches}
+    statuses: list[dict[str, Any]] = []
+    bar = tqdm(total=sum(len(c) for c, _ in batches), unit="case", desc="prepare", disable=not progress,
+               file=sys.stderr)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+        for ref in ready:
+            cases, mem = pending.pop(ref)
+            try:
+                got = ray.get(ref)
+            except failures as exc:
+                if len(cases) > 1:
+                    fresh = ray.put(dict(ctx, done=sorted(_done(shard_io.load_commits(out)))))
+                    for c in cases:
+                        pending[task.options(**_task_options(mem, 1)).remote([json.dumps(c)], fresh)] = ([c], mem)
+                    continue
+                got = [_driver_status(cases[0], ctx, f"the worker preparing it died ({type(exc).__name__}: out of "
+                                      "memory, a crash while decoding, or a lost node)")]
+                commit_statuses(got, ctx)
+            statuses += got
+            bar.update(len(got))
+    bar.close()
+    return statuses
 
 
 def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, Any], out: Path | None,
@@ -79,8 +210,8 @@ def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, 
 
     Reused from ``out/prior_model.json`` when it was fitted under this run's config hash (a
     resumed run scores with the same model); otherwise fitted on the volumes of up to
-    ``prepare.prior_fit_cases`` cases spread evenly over the input (a Ray Data pass that keeps
-    only the patch descriptors of whole volumes) and saved there.
+    ``prepare.prior_fit_cases`` cases spread evenly over the input (one Ray task per volume that
+    returns only its patch descriptors) and saved there.
     """
     if not cfg.lesion_prior or cfg.prior_scope != "population":
         return None
@@ -101,10 +232,20 @@ def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, 
     if progress:
         print(f"fitting the MPS lesion prior on {len(sample)} of {len(cases)} cases", file=sys.stderr)
     descs = []
-    if sample:
-        ds = _cases_dataset(sample, 1).flat_map(case_descriptors, fn_kwargs={"ctx": ctx}, num_cpus=1)
-        descs = [b["desc"].reshape(-1, b["desc"].shape[-1])
-                 for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b["desc"])]
+    if sample:  # one Ray task per volume, asking for its memory (cases too large for any node left out)
+        import ray
+
+        estimates, limit, node = memory_plan(sample, cfg)
+        task, ctx_ref, failures = ray.remote(case_descriptors), ray.put(ctx), _system_failures()
+        refs = [task.options(**_task_options(min(request_bytes(e), limit) if node else None, 1)).remote(c, ctx_ref)
+                for c, e in zip(sample, estimates) if e is None or e <= limit]
+        for ref in refs:
+            try:
+                desc = ray.get(ref)
+            except failures:
+                continue
+            if desc is not None and len(desc):
+                descs.append(desc.reshape(-1, desc.shape[-1]))
     try:
         model = fit_prior(np.concatenate(descs) if descs else np.empty((0, 0), np.float32), cfg)
     except ValueError as exc:
@@ -140,19 +281,34 @@ def _batch_size(cfg: PrepareConfig, n_cases: int, n_cpu: int) -> int:
 
 def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareConfig, *,
             overwrite: bool = False, keep_paths: bool = False, max_rejected: float | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, deid_key_file: str | os.PathLike | None = None,
+            report: str | os.PathLike | None = None) -> dict[str, Any]:
     """Prepare ``input`` into Parquet shards of preprocessed volumes under ``out_dir``; returns the run summary.
 
     The summary's ``exit_code`` is 0 when every case is written, 3 when some were quarantined,
     1 when the rejected fraction exceeds ``max_rejected`` (default ``cfg.max_rejected``).
     Raises :class:`raymim.config.ConfigError` for unusable inputs or a config that differs from
-    the one ``out_dir`` was prepared with (use ``overwrite=True``).
-    """
-    import ray
+    the one ``out_dir`` was prepared with (use ``overwrite=True``), or a de-identification key
+    (``deid_key_file``, see :mod:`raymim.io.deid`) other than the one it was prepared with. Input
+    paths go only to the operator report ``report`` (default ``<out>.operator-report.csv``,
+    outside the dataset; :mod:`raymim.io.operator_report`).
 
-    start = time.perf_counter()
+    Raises :class:`raymim.data.lock.PrepareLocked` while another run holds ``out_dir``'s lock.
+    """
     out = Path(out_dir).resolve()  # Ray workers run in another working directory
-    try:
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        return _prepare(input, out, cfg, overwrite=overwrite, keep_paths=keep_paths, max_rejected=max_rejected,
+                        progress=progress, deid_key_file=deid_key_file, report=report)
+
+
+def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwrite: bool, keep_paths: bool,
+             max_rejected: float | None, progress: bool, deid_key_file: str | os.PathLike | None,
+             report: str | os.PathLike | None) -> dict[str, Any]:
+    """:func:`prepare` under the output folder's lock."""
+    start = time.perf_counter()
+    try:  # input paths go to the operator report, outside the dataset (raymim.io.operator_report)
+        report_file = report_path(out, report)
         found = discover(input)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -163,7 +319,6 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
         print(f"not an image: {rec['rel']}: {rec['reason']}", file=sys.stderr)
     for rec in found.duplicates:
         print(f"duplicate: {rec['rel']}: {rec['reason']}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         _reset(out)
     run_hash = _run_hash(cfg, keep_paths)
@@ -172,29 +327,41 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     if other:
         raise ConfigError(f"{out} holds shards prepared with config hash {sorted(other)}, this run has "
                           f"{run_hash}; pass --overwrite or choose another --out.")
-    done = {c["case_id"] for r in previous for c in r["cases"]}
+    try:  # the key lives outside the dataset, which records its fingerprint (raymim.io.deid)
+        key = dataset_key(out, deid_key_file, overwrite=overwrite)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    done = _done(previous)
     ensure_ray(log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    ctx = _context(cfg, deid_key(out), out, keep_paths, done)
+    ctx = _context(cfg, key, out, keep_paths, done)
     ctx["prior_model"] = prior_model(cases, cfg, ctx, out, progress)
-    n_cpu = _cluster_cpus()
-    per_task = _batch_size(cfg, len(cases), n_cpu)
-    ds = _cases_dataset(cases, per_task).map_batches(
-        process_batch, batch_size=per_task, fn_kwargs={"ctx": ctx}, num_cpus=1)
-    statuses = [json.loads(s) for batch in ds.iter_batches(batch_size=None) for s in batch["status"]]
+    # Inputs known bad before reading (missing, escaping, not a file): rejected here, no task.
+    statuses = [process_case(c, ctx)[0] for c in cases if c.get("error")]
+    commit_statuses([s for s in statuses if s["status"] != "skipped"], ctx)
+    readable = [c for c in cases if not c.get("error")]
+    estimates, limit, node = memory_plan(readable, cfg)
+    batches, too_large = plan_batches(readable, estimates, _batch_size(cfg, len(readable), _cluster_cpus()),
+                                      limit, node)
+    big = [_driver_status(c, ctx, too_large_reason(e, limit, node, cfg)) for c, e in too_large]
+    commit_statuses(big, ctx)
+    statuses += big + _run_batches(batches, ctx, out, progress)
     summary = _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start)
-    return dict(summary, not_images=len(found.skipped), duplicates=len(found.duplicates))
+    operator = write_operator_report(report_file, found, statuses, shard_io.load_commits(out))
+    return dict(summary, not_images=len(found.skipped), duplicates=len(found.duplicates), operator_report=operator)
 
 
 def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses: list[dict[str, Any]],
             run_hash: str, keep_paths: bool, max_rejected: float | None, start: float) -> dict[str, Any]:
     """Write manifest.json and quarantine.csv from the committed records; build the summary."""
     commits = shard_io.load_commits(out)
-    by_id: dict[str, dict[str, Any]] = {}
-    for rec in commits:
-        for c in rec["cases"]:
-            by_id[c["case_id"]] = dict(c, shard=rec["shard"])
     index_of = {s["case_id"]: s["index"] for s in statuses}
+    by_id: dict[str, dict[str, Any]] = {}
+    for rec in sorted(commits, key=lambda r: r.get("written", 0.0)):  # a case's latest record wins
+        for c in rec["cases"]:
+            if c["status"] != "ok" and c["case_id"] not in index_of:
+                continue  # rejected by an earlier run, gone from this input (a file added or changed since)
+            if by_id.get(c["case_id"], {}).get("status") != "ok":  # a stored volume stays listed
+                by_id[c["case_id"]] = dict(c, shard=rec["shard"])
     per_case = sorted(by_id.values(), key=lambda c: index_of.get(c["case_id"], 1 << 30))
     ok = [c for c in per_case if c["status"] == "ok"]
     rejected = [c for c in per_case if c["status"] != "ok"]

@@ -43,14 +43,19 @@ column is therefore stored uncompressed without dictionary or statistics; the ze
 ``label`` and the small columns are zstd-compressed.
 
 Each shard's Parquet key-value metadata holds its *commit record* (``raymim.commit``: config
-hash and the status of every case it completes); a shard appears under its final name only
-after it is fully written (temp name + atomic rename), so the rename is the commit point.
+hash, the time it was written and the status of every case it completes); a shard appears under
+its final name only after it is fully written (temp name + atomic rename), so the rename is the
+commit point. :class:`ShardWriter` streams: each volume becomes its row group as soon as it is
+preprocessed (``pyarrow.parquet.ParquetWriter``), the commit record goes into the footer when the
+shard is closed, so a task holds one volume at a time however large ``prepare.shard_mb`` is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +74,7 @@ PRIOR_MODEL_FILE = "prior_model.json"  # MPS prior's population model (raymim.da
 # Columns of the volume index: everything but the voxel payloads.
 INDEX_COLUMNS = ("case_id", "shape", "spacing", "domain", "modality", "foreground", "has_label")
 
-__all__ = ["SCHEMA_VERSION", "case_ids", "load_commits", "read_volume", "rows_to_table",
+__all__ = ["SCHEMA_VERSION", "ShardWriter", "case_ids", "load_commits", "read_volume", "rows_to_table",
            "schema", "shard_files", "volume_index", "write_commit", "write_shard"]
 
 
@@ -99,7 +104,12 @@ def rows_to_table(rows: list[dict[str, Any]], sch: pa.Schema) -> pa.Table:
     """Volume rows (numpy arrays ``image`` / ``label`` / ``lesion_prob`` + scalars) -> an Arrow table."""
     cols = []
     for f in sch:
-        if f.name in ("image", "label", "lesion_prob"):
+        if f.name in ("image", "label", "lesion_prob") and len(rows) == 1:  # zero-copy: a view of the array
+            data = rows[0].get(f.name)
+            data = pa.py_buffer(np.ascontiguousarray(data)) if data is not None else pa.py_buffer(b"")
+            offsets = pa.py_buffer(np.array([0, data.size], np.int64))
+            cols.append(pa.Array.from_buffers(f.type, 1, [None, offsets, data]))
+        elif f.name in ("image", "label", "lesion_prob"):
             cols.append(pa.array([b"" if r.get(f.name) is None else np.ascontiguousarray(r[f.name]).tobytes()
                                   for r in rows], f.type))
         else:
@@ -107,18 +117,82 @@ def rows_to_table(rows: list[dict[str, Any]], sch: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=sch)
 
 
+def _writer_options(sch: pa.Schema) -> dict[str, Any]:
+    compression = {f.name: "zstd" for f in sch}
+    compression["image"] = "none"  # float16 noise barely compresses; decoding would cost the read path
+    return {"compression": compression, "use_dictionary": [f.name for f in sch if pa.types.is_string(f.type)],
+            "write_statistics": [f.name for f in sch if f.name not in ("image", "label", "lesion_prob")]}
+
+
 def write_shard(table: pa.Table, path: Path, commit: dict[str, Any]) -> int:
     """Write ``table`` to ``path`` atomically (one row group per volume) with ``commit``; returns bytes."""
     meta = dict(table.schema.metadata or {})
     meta[COMMIT_KEY] = json.dumps(commit).encode()
     table = table.replace_schema_metadata(meta)
-    compression = {f.name: "zstd" for f in table.schema}
-    compression["image"] = "none"  # float16 noise barely compresses; decoding would cost the read path
-    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     with atomic_write(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=1, compression=compression, use_dictionary=strings,
-                       write_statistics=[c for c in table.column_names if c not in ("image", "label", "lesion_prob")])
+        pq.write_table(table, tmp, row_group_size=1, **_writer_options(table.schema))
     return path.stat().st_size
+
+
+def shard_name(case_ids: list[str]) -> str:
+    """The file name of the shard (or status record, plus ``.json``) completing ``case_ids``: a
+    hash of them, so a retried task that completes the same cases writes the same name."""
+    return "part-" + hashlib.sha256("|".join(case_ids).encode()).hexdigest()[:16]
+
+
+class ShardWriter:
+    """One shard written as its volumes come: :meth:`write` appends a volume as its own row group
+    (nothing but the Parquet writer's small buffers stays in memory), :meth:`commit` puts the commit
+    record into the footer and renames the temp file to its final name (the commit point);
+    :meth:`abort` removes it. The temp file (``.tmp-*``, skipped and removed by
+    :func:`load_commits`) is created on the first volume.
+
+    Example::
+
+        w = ShardWriter(out / SHARDS_DIR, schema("float16"))
+        w.write(row)                     # volume row: numpy image / label + scalars
+        name = w.commit(commit, ["cid"])  # "part-....parquet"
+    """
+
+    def __init__(self, folder: Path, sch: pa.Schema) -> None:
+        self.folder, self.schema = Path(folder), sch
+        self.tmp: Path | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+        self.bytes = 0  # voxel payload bytes written (what ``prepare.shard_mb`` counts)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.folder / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-part.parquet"
+            self._writer = pq.ParquetWriter(self.tmp, self.schema, **_writer_options(self.schema))
+        self._writer.write_table(rows_to_table([row], self.schema), row_group_size=1)
+        self.rows += 1
+        self.bytes += sum(int(row[k].nbytes) for k in ("image", "label", "lesion_prob")
+                          if isinstance(row.get(k), np.ndarray))
+
+    def commit(self, commit: dict[str, Any], case_ids: list[str]) -> str:
+        """Close the shard with ``commit`` in its footer under the name of ``case_ids``; returns the name."""
+        assert self._writer is not None and self.tmp is not None, "commit() of a shard without volumes"
+        self._writer.add_key_value_metadata({COMMIT_KEY: json.dumps(commit).encode()})
+        self._writer.close()
+        self._writer = None
+        path = self.folder / f"{shard_name(case_ids)}.parquet"
+        with atomic_write(path) as tmp:  # fsync, rename onto the final name, fsync the folder
+            os.replace(self.tmp, tmp)
+        self.tmp = None
+        return path.name
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is removed anyway
+                pass
+            self._writer = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
 
 
 def write_commit(path: Path, commit: dict[str, Any]) -> None:
@@ -138,7 +212,8 @@ def load_commits(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
             if p.name.startswith(TMP_PREFIX):
                 p.unlink(missing_ok=True)  # left by a killed run: never committed
             elif p.suffix == ".parquet":
-                rec = json.loads(pq.read_schema(p).metadata[COMMIT_KEY])
+                # The footer's key-value metadata (a streamed shard adds its commit there at close).
+                rec = json.loads(pq.read_metadata(p).metadata[COMMIT_KEY])
                 records.append(dict(rec, shard=p.name, bytes=p.stat().st_size))
             elif p.suffix == ".json":
                 records.append(dict(json.loads(p.read_text()), shard=None, bytes=0))

@@ -5,17 +5,22 @@
 held-out cases, plus the crop sampler's settings. Every training worker then builds, for each of
 its iterator passes ("epochs"), :func:`crop_stream`: a Ray Dataset of ``(pass, volume)`` items
 whose ``map_batches`` (one volume per call) runs in Ray Data tasks on the cluster's CPUs (any
-node, ``num_cpus=1`` each), reads one volume (one Parquet row group: exactly its bytes) and
-yields its K crops (:func:`raymim.data.crops.sample_crops`). The training process only iterates the batches.
+node, ``num_cpus=1`` each), reads one volume (one Parquet row group: exactly its bytes), cuts
+its K crops (:func:`raymim.data.crops.sample_crops`) and augments them (flips, 90-degree
+rotations, intensity scale / shift: :mod:`raymim.data.augment`, seeded by (seed, pass, volume,
+crop index)). The training process only iterates the batches: neither cropping nor
+augmentation runs on its critical path. (Per-step randomness that belongs to a method, such as
+masks, MiM's level boxes or HSSL's two views, is drawn by the method in the training process.)
 
 Passes. Iterator pass ``e`` covers data passes ``e R .. e R + R - 1`` (``R = epochs_per_pass``,
 so short epochs do not restart the iterator each time, which stalls the workers). Data pass
 ``p`` visits every volume once in an order permuted by ``(seed, p)``; the concatenated
 ``(pass, volume)`` list of the iterator pass is dealt round-robin to the ``world`` workers and
 cut to equal lengths (every worker gets the same number of crops, so DDP steps stay in lock
-step; the few volumes cut off differ from pass to pass). Crops depend only on (seed, pass,
-volume), and the dataset keeps its order (``preserve_order``), so a resumed worker redraws the
-exact crops of its pass and skips the batches it had trained on.
+step; the few volumes cut off differ from pass to pass). Crops and their augmentation depend
+only on (seed, pass, volume), and the dataset keeps its order (``preserve_order``), so a
+resumed worker redraws the exact augmented crops of its pass and skips the batches it had
+trained on.
 
 Why per-worker datasets rather than one dataset split by Ray Train (``datasets=`` +
 ``get_dataset_shard``): the pass number must reach the sampler, and a dataset handed to the
@@ -34,22 +39,32 @@ from typing import Any
 import numpy as np
 
 from raymim.config import RaymimConfig
+from raymim.data.augment import augment_crops
 from raymim.data.crops import CropSpec, sample_crops
 
 # Object store a worker's crop stream may fill ahead of the training loop (about 60 96^3 float16 crops).
 READ_AHEAD_MB = 128
 # Volume columns the training reader takes besides the image (``lesion_prob`` when stored).
 READ_COLUMNS = ["case_id", "domain", "modality", "report", "spacing"]
+# Methods whose targets depend on where a patch is in the crop: no spatial augmentation.
+POSITIONAL_METHODS = frozenset({"medim"})
 
 __all__ = ["crop_batch", "crop_stream", "epoch_items", "stream_spec", "volume_crops"]
 
 
-def stream_spec(data: str, cfg: RaymimConfig, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+def stream_spec(data: str, cfg: RaymimConfig, exclude: set[str] | frozenset[str] = frozenset(),
+                augment: bool = True) -> dict[str, Any]:
     """Everything a worker needs to build its crop streams (plain, picklable values).
 
     ``data``: prepared shards (a folder with ``manifest.json``) or raw scans (streaming mode).
-    ``exclude``: case ids held out (the probe's)."""
+    ``exclude``: case ids held out (the probe's). ``augment``: augment the crops (training does;
+    off only to measure the sampler alone)."""
     crop = CropSpec.from_config(cfg.prepare, cfg.train.seed).to_dict()
+    crop["augment"] = bool(augment)
+    # MedIM's word maps are positional (the same map over the patch grid for every image): a flip
+    # or rotation would put the named side where the map expects the other, so it gets intensity
+    # augmentation only
+    crop["spatial"] = cfg.method.name not in POSITIONAL_METHODS
     path = Path(data)
     if (path / "manifest.json").is_file():
         from raymim.data.shards import volume_index
@@ -79,8 +94,10 @@ def epoch_items(spec: dict[str, Any], epoch: int, rank: int, world: int, passes_
 
 
 def volume_crops(item: dict[str, Any], spec: dict[str, Any], copy: bool = True) -> list[dict[str, Any]]:
-    """One item: read one volume (or preprocess one raw case) and cut its K crops (rows)."""
+    """One item: read one volume (or preprocess one raw case), cut its K crops (rows) and, when
+    the spec says so, augment them (``copy=False``: flipped / rotated views into the volume)."""
     crop = CropSpec.from_dict(spec["crop"])
+    pass_index = int(item["pass"])
     if spec["mode"] == "shards":
         from raymim.data.shards import read_volume
 
@@ -92,7 +109,9 @@ def volume_crops(item: dict[str, Any], spec: dict[str, Any], copy: bool = True) 
         if volume is None:
             return []
         volume.pop("label", None)  # pretraining does not read labels
-    rows = sample_crops(volume, crop, int(item["pass"]), copy=copy)
+    rows = sample_crops(volume, crop, pass_index, copy=copy)
+    if spec["crop"].get("augment"):
+        rows = augment_crops(rows, crop.seed, pass_index, spatial=spec["crop"].get("spatial", True))
     for r in rows:
         r.pop("spacing", None)
         r.pop("modality", None)

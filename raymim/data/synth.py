@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -185,3 +186,44 @@ def phantom_batch(n: int, size: int = 32, seed: int = 0):
         labs.append(lab)
         reports.append(report)
     return torch.tensor(np.stack(ims)).float()[:, None], torch.tensor(np.stack(labs))[:, None], reports
+
+
+# The (side, organ) pairs the reports' findings name ("... in the right kidney.") -> their label.
+NAMED_LABEL: dict[tuple[str, str], int] = {("right", "liver"): 2, ("right", "kidney"): 3, ("left", "kidney"): 4,
+                                           ("right", "lung"): 5, ("left", "lung"): 6}
+_NAMED = re.compile(r"in the (right|left) (liver|kidney|lung)")
+
+
+def named_sites(report: str) -> set[tuple[str, str]]:
+    """The (side, organ) pairs a phantom report's findings name."""
+    return set(_NAMED.findall(report))
+
+
+def named_voxels(labels, reports: list[str]):
+    """Label maps [N, ...] (torch, as :func:`phantom_batch` returns them) -> bool maps of the organs + sides
+    each report names, its lesions included: a lesion's voxels carry :data:`LESION`, and the report names
+    every lesion placed."""
+    import torch
+
+    out = []
+    for lab, rep in zip(labels, reports, strict=True):
+        m = lab == LESION
+        for site in named_sites(rep):
+            m = m | (lab == NAMED_LABEL[site])
+        out.append(m)
+    return torch.stack(out)
+
+
+def disjoint_reports(reports: list[str], sites: int = 3) -> list[str]:
+    """For each report of :func:`phantom_batch` (sites cycle), the next report of the same site that names
+    none of its organ + side pairs: a control whose words point elsewhere in the same kind of image."""
+    out = []
+    n = len(reports)
+    for i, rep in enumerate(reports):
+        own = named_sites(rep)
+        js = [(i + k * sites) % n for k in range(1, n // sites + 1)]
+        j = next((j for j in js if j != i and not named_sites(reports[j]) & own), None)
+        if j is None:
+            raise ValueError(f"no same-site report names none of {sorted(own)}; draw more phantoms.")
+        out.append(reports[j])
+    return out

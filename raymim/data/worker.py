@@ -1,13 +1,21 @@
-"""Per-case work done inside Ray Data tasks: hash, preprocess, write volume shards, report status.
+"""Per-case work done inside Ray tasks: hash, preprocess, write volume shards, report status.
 
 Every exception of a case is caught here and becomes its quarantine reason, so one bad file
-never stops a job. Reasons name the failure, never the input's path or a header value.
+never stops a job. Reasons name the failure, never the input's path or a header value: a
+:class:`~raymim.io.checks.CaseRejected` message is worded that way, any other exception is reduced
+to its type, and its message (which may quote a path) travels only in the status record's
+``detail`` to the operator report, never into a commit record (:data:`OPERATOR_ONLY`).
+A case's report loses every identifier its own DICOM header holds (:func:`case_report`).
+
+A rejection caused by the machine rather than by the file (the input could not be read, the
+worker ran out of memory, the case needs more memory than any node has, the worker died) is
+marked ``"retry": true``: a rerun examines the case again instead of skipping it as done.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +24,11 @@ import numpy as np
 from raymim.config import PrepareConfig
 from raymim.data import shards as shard_io
 from raymim.io.checks import CaseRejected
-from raymim.io.deid import content_digest, keyed_id
+from raymim.io.deid import content_digest, keyed_id, scrub_report
 from raymim.io.discover import case_input
+
+# Status-record fields the driver reads but no commit record (shards/, _status/, manifest.json) holds.
+OPERATOR_ONLY = ("index", "detail")
 
 _PREPROCESS: dict[tuple[str, bool], Any] = {}
 
@@ -34,21 +45,61 @@ def _preprocess(cfg: PrepareConfig, cfg_hash: str, with_label: bool) -> Any:
     return _PREPROCESS[key]
 
 
-def _reason(exc: BaseException, case: dict[str, Any]) -> str:
-    """The root cause of a failure as a one-line reason, with input paths scrubbed."""
+def _root(exc: BaseException) -> BaseException:
+    """The first :class:`CaseRejected` in ``exc``'s cause / context chain, else its last link."""
     seen = exc
-    while True:
-        if isinstance(seen, CaseRejected):
-            return str(seen)
+    while not isinstance(seen, CaseRejected):
         nxt = seen.__cause__ or seen.__context__
         if nxt is None:
             break
         seen = nxt
-    text = f"{type(seen).__name__}: {str(seen).splitlines()[0] if str(seen) else ''}".strip()
-    for p in (case.get("image"), case.get("label")):
-        if p:
-            text = text.replace(str(p), "<input>").replace(str(Path(p).parent), "<dir>")
-    return text[:300]
+    return seen
+
+
+def _reason(exc: BaseException) -> str:
+    """The quarantine reason of a failure: a :class:`CaseRejected` message as is, else only the
+    exception's type (its message may quote a path or a header value)."""
+    root = _root(exc)
+    if isinstance(root, CaseRejected):
+        return str(root)
+    kind = type(root).__name__
+    kind = kind if kind[:1].isupper() else f"{type(root).__module__}.{kind}"  # zlib.error
+    return f"unexpected {kind} while reading or preprocessing the image"
+
+
+def _detail(exc: BaseException) -> str | None:
+    """The message of an unexpected failure, for the operator report only (may name paths)."""
+    root = _root(exc)
+    if isinstance(root, CaseRejected):
+        return None
+    first = str(root).splitlines()[0] if str(root) else ""
+    return f"{type(root).__name__}: {first}"[:500]
+
+
+def case_report(case: dict[str, Any]) -> str | None:
+    """The case's report text without the identifiers of its own headers: every person name, ID,
+    date and institution of the DICOM headers of its image series (and of a DICOM label), and
+    the manifest's ``patient`` value (:func:`raymim.io.deid.scrub_report`). When those headers
+    cannot be read the report is dropped rather than stored unchecked. A safety net only: the
+    report's own free text (other names, places, dates) must be de-identified upstream."""
+    text = case.get("report")
+    if not text:
+        return text
+    from raymim.io.dicom import header_identifiers
+    from raymim.io.readers import volume_format
+
+    found: dict[str, set[str]] = {"names": set(), "ids": set(), "dates": set(), "other": set()}
+    if case.get("patient"):
+        found["ids"].add(str(case["patient"]))
+    try:
+        for key in ("image", "label"):
+            inp = case_input(case, key)
+            if inp and volume_format(inp) == "dicom":
+                for kind, values in header_identifiers(inp).items():
+                    found[kind] |= values
+    except Exception:  # noqa: BLE001 - unreadable headers: no unchecked report
+        return None
+    return scrub_report(text, found)
 
 
 def _input_bytes(case: dict[str, Any]) -> int:
@@ -99,7 +150,7 @@ def _volume_row(case: dict[str, Any], cid: str, pre: dict[str, Any], cfg: Prepar
 
     image = pre["image"]
     row = {"case_id": cid, "domain": case.get("domain") or "default", "modality": pre["modality"],
-           "spacing": pre["spacing"], "orientation": cfg.orientation, "report": case.get("report"),
+           "spacing": pre["spacing"], "orientation": cfg.orientation, "report": case_report(case),
            "image": _stored(image, cfg.dtype), "shape": list(image.shape),
            "foreground": float(is_foreground(image).mean()), "has_label": pre["label"] is not None,
            "label": pre["label"]}
@@ -131,7 +182,8 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
         digest = content_digest(case_input(case), case.get("label"))
         status["input_bytes"] = _input_bytes(case)
     except OSError as exc:
-        status.update(case_id=keyed_id(key, "input:" + case["rel"]), reason=f"unreadable input ({type(exc).__name__})")
+        cid = keyed_id(key, "input:" + case["rel"])
+        status.update(case_id=cid, reason=f"unreadable input ({type(exc).__name__})", detail=_detail(exc), retry=True)
         return status, None
     cid = keyed_id(key, digest)
     status["case_id"] = cid
@@ -146,7 +198,9 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
             return status, {"prior_desc": patch_descriptors(pre["image"], int(cfg.prior_patch))}
         row = _volume_row(case, cid, pre, cfg, ctx)
     except Exception as exc:  # noqa: BLE001 - any failure quarantines this case only
-        status["reason"] = _reason(exc, case)
+        status.update(reason=_reason(exc), detail=_detail(exc))
+        if isinstance(_root(exc), MemoryError):  # the machine's limit, not the file's fault
+            status["retry"] = True
         return status, None
     if row["foreground"] < cfg.min_foreground:
         status["reason"] = f"foreground {row['foreground']:.3f} below min_foreground={cfg.min_foreground}"
@@ -155,50 +209,69 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
     return status, row
 
 
-def _flush(rows: list[dict[str, Any]], statuses: list[dict[str, Any]], ctx: dict[str, Any]) -> None:
-    """Write the volume rows of ``statuses`` as one shard (or a status record when none is ok)."""
+def _commit_record(statuses: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": shard_io.SCHEMA_VERSION, "config_hash": ctx["config_hash"], "written": time.time(),
+            "cases": [{k: v for k, v in s.items() if k not in OPERATOR_ONLY} for s in statuses]}
+
+
+def commit_statuses(statuses: list[dict[str, Any]], ctx: dict[str, Any]) -> None:
+    """Commit volume-less status records (cases rejected before any volume was read) as one file."""
+    if statuses:
+        name = shard_io.shard_name([s["case_id"] for s in statuses])
+        shard_io.write_commit(Path(ctx["out"]) / shard_io.STATUS_DIR / f"{name}.json", _commit_record(statuses, ctx))
+
+
+def _close(writer: shard_io.ShardWriter, statuses: list[dict[str, Any]], ctx: dict[str, Any]) -> None:
+    """Commit ``statuses``: into the footer of the shard holding their volumes, or as a status
+    record when none of them has one."""
     if not statuses:
         return
-    ids = "|".join(s["case_id"] for s in statuses)
-    name = "part-" + hashlib.sha256(ids.encode()).hexdigest()[:16]
-    commit = {"schema_version": shard_io.SCHEMA_VERSION, "config_hash": ctx["config_hash"],
-              "cases": [{k: v for k, v in s.items() if k != "index"} for s in statuses]}
-    out = Path(ctx["out"])
-    if rows:
-        cfg = PrepareConfig(**ctx["cfg"])
-        sch = shard_io.schema(cfg.dtype, bool(ctx.get("keep_paths")), cfg.lesion_prior)
-        path = out / shard_io.SHARDS_DIR / f"{name}.parquet"
-        shard_io.write_shard(shard_io.rows_to_table(rows, sch), path, commit)
-        for s in statuses:
-            s["shard"] = path.name
-    else:
-        shard_io.write_commit(out / shard_io.STATUS_DIR / f"{name}.json", commit)
+    if not writer.rows:
+        commit_statuses(statuses, ctx)
+        return
+    name = writer.commit(_commit_record(statuses, ctx), [s["case_id"] for s in statuses])
+    for s in statuses:
+        s["shard"] = name
 
 
-def process_batch(batch: dict[str, np.ndarray], ctx: dict[str, Any]) -> dict[str, np.ndarray]:
-    """``map_batches`` body: process cases in order, flushing a shard every ``shard_bytes``."""
-    out, rows, pending = [], [], []
-    size = 0
-    for text in batch["case"]:
-        status, row = process_case(json.loads(str(text)), ctx)
-        out.append(status)
-        if status["status"] == "skipped":
-            continue
-        pending.append(status)
-        if row is not None:
-            rows.append(row)
-            size += row["image"].nbytes + (row["label"].nbytes if row["label"] is not None else 0)
-        if size >= ctx["shard_bytes"]:
-            _flush(rows, pending, ctx)
-            rows, pending, size = [], [], 0
-    _flush(rows, pending, ctx)
-    return {"status": np.asarray([json.dumps(s) for s in out], dtype=object)}
+def prepare_batch(cases: list[str], ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray task body: prepare cases (JSON records) in order; returns their status records.
+
+    Each volume is written to the open shard as soon as it is preprocessed (its own row group),
+    so the task holds one volume at a time; a shard is closed (committed) once it holds
+    ``ctx["shard_bytes"]`` of voxels. The shard name is a hash of the case ids it completes, so
+    a task retried after a crash writes the same files again, never second copies."""
+    cfg = PrepareConfig(**ctx["cfg"])
+    ctx = dict(ctx, done=set(ctx.get("done", ())))  # one lookup per case
+    sch = shard_io.schema(cfg.dtype, bool(ctx.get("keep_paths")), cfg.lesion_prior)
+    folder = Path(ctx["out"]) / shard_io.SHARDS_DIR
+    out: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    writer = shard_io.ShardWriter(folder, sch)
+    try:
+        for text in cases:
+            status, row = process_case(json.loads(str(text)), ctx)
+            out.append(status)
+            if status["status"] == "skipped":
+                continue
+            pending.append(status)
+            if row is not None:
+                writer.write(row)
+                del row
+            if writer.bytes >= ctx["shard_bytes"]:
+                _close(writer, pending, ctx)
+                writer, pending = shard_io.ShardWriter(folder, sch), []
+        _close(writer, pending, ctx)
+    finally:
+        writer.abort()  # a no-op once committed
+    return out
 
 
-def case_descriptors(row: dict[str, Any], ctx: dict[str, Any]) -> list[dict[str, Any]]:
-    """``flat_map`` body for fitting the MPS prior: the patch descriptors ``desc`` [L, F] of one volume."""
-    _, out = process_case(json.loads(row["case"]), dict(ctx, prior_fit=True, done=[]))
-    return [{"desc": out["prior_desc"]}] if out is not None else []
+def case_descriptors(case: dict[str, Any], ctx: dict[str, Any]) -> np.ndarray | None:
+    """Ray task body for fitting the MPS prior: the patch descriptors [L, F] of one volume, or
+    None when the case is rejected."""
+    _, out = process_case(case, dict(ctx, prior_fit=True, done=[]))
+    return out["prior_desc"] if out is not None else None
 
 
 def case_volume(case: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any] | None:

@@ -13,10 +13,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,14 +165,21 @@ def run_finetune(
     cells = [{"fraction": f, "seed": s, "init": init, "train_ids": fraction_subset(split.train, f, s)}
              for f in fractions for s in range(seeds) for init in ("pretrained", "scratch")]
     overlay_ids = split.test[: ft.overlays]
+    encoder_digest = state_digest(encoder_state)
+    for c in cells:
+        c["fingerprint"] = cell_fingerprint(c, cfg, split, steps, encoder_digest, overlay_ids)
+    todo = [c for c in cells if not finished_cell(out, c)]
+    if len(todo) < len(cells):
+        print(f"[raymim] fine-tune: {len(cells) - len(todo)} of {len(cells)} cell(s) already finished in {out}, "
+              "reused", flush=True)
     job = {"cfg": to_dict(cfg), "cases": {c["id"]: _in_memory(c) for c in cases},
            "encoder_state": dict(encoder_state),
-           "num_classes": num_classes, "steps": steps, "cells": cells, "val_ids": split.val, "test_ids": split.test,
+           "num_classes": num_classes, "steps": steps, "cells": todo, "val_ids": split.val, "test_ids": split.test,
            "overlay_ids": overlay_ids, "out_dir": str(out)}
     engine = engine or ft.engine
-    if engine == "ray":
+    if todo and engine == "ray":
         _fit_with_ray_train(job, cfg, out)
-    else:
+    elif todo:
         run_cells(job)
     results = load_cell_results(out, [cell_key(c) for c in cells])
     rows, summary = cell_rows(results), summary_rows(results)
@@ -181,6 +189,40 @@ def run_finetune(
     if log_mlflow:
         parent, children = _log_mlflow(cfg, ref, results, summary, artifacts, split, quick, time.time() - t0)
     return FinetuneResult(out, rows, summary, split, parent, children, artifacts)
+
+
+def state_digest(state: Mapping[str, torch.Tensor] | None) -> str | None:
+    """SHA-256 over an encoder state's names, shapes and values (None for no state)."""
+    if state is None:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cell_fingerprint(cell: Mapping[str, Any], cfg: RaymimConfig, split: Split, steps: int | None,
+                     encoder_digest: str | None, overlay_ids: Sequence[str] = ()) -> str:
+    """What a cell's result depends on: the fine-tuning, model and preprocessing config, the cell
+    (fraction, seed, init, training cases), the validation and test cases, the step budget, and
+    for a pretrained cell the encoder's weights. A finished cell with the same fingerprint is
+    reused (a resumed run; and the scratch twin of every encoder with the same architecture)."""
+    body = {"finetune": to_dict(cfg.finetune), "model": to_dict(cfg.model), "prepare": to_dict(cfg.prepare),
+            "cell": {k: cell[k] for k in ("fraction", "seed", "init", "train_ids")}, "val": list(split.val),
+            "test": list(split.test), "overlays": list(overlay_ids), "steps": steps,
+            "encoder": encoder_digest if cell["init"] == "pretrained" else None}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def finished_cell(out: Path, cell: Mapping[str, Any]) -> bool:
+    """Whether ``out/cells`` holds this cell's result with the same fingerprint."""
+    path = Path(out) / "cells" / f"{cell_key(cell)}.json"
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == cell["fingerprint"]
+    except (OSError, ValueError):
+        return False
 
 
 def _in_memory(case: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The recipe follows MONAI's published UNETR / Swin-UNETR BTCV fine-tuning:
 
-- training crops by label (``RandCropByPosNegLabeld``, half centred on foreground), then flips
+- training crops by label (``RandCropByPosNegLabeld``, ``finetune.pos_fraction`` of them centred
+  on a label voxel, the rest on background; default half, MONAI's pos = neg = 1), then flips
   on each axis and 90-degree rotations (p 0.1), intensity scale (p 0.1) and shift (+-0.1,
   p 0.5) (``finetune.augment``);
 - ``DiceCELoss``, AdamW, a linear warm-up then cosine decay (MONAI's ``WarmupCosineSchedule``),
@@ -57,9 +58,10 @@ def finetune_budget(n_train: int, cfg: RaymimConfig, steps: int | None = None) -
     return int(min(ft.max_steps, max(ft.min_steps, ft.steps_per_case * max(1, n_train))))
 
 
-def train_transforms(roi: Sequence[int], seed: int, augment: bool = True):
+def train_transforms(roi: Sequence[int], seed: int, augment: bool = True, pos_fraction: float = 0.5):
     """MONAI's BTCV fine-tuning transforms on ``{"image", "label"}`` tensors ``[1, X, Y, Z]``: a
-    positive/negative crop, then (``augment``) flips, 90-degree rotations, intensity scale and
+    positive/negative crop (centred on a label voxel with probability ``pos_fraction``, else on
+    a background voxel), then (``augment``) flips, 90-degree rotations, intensity scale and
     shift. Returns a seeded ``Compose`` whose output is a one-element list of crops."""
     from monai.transforms import (
         Compose,
@@ -71,7 +73,8 @@ def train_transforms(roi: Sequence[int], seed: int, augment: bool = True):
     )
 
     keys = ["image", "label"]
-    steps = [RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=tuple(roi), pos=1.0, neg=1.0,
+    steps = [RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=tuple(roi), pos=float(pos_fraction),
+                                    neg=1.0 - float(pos_fraction),
                                     num_samples=1, allow_smaller=False)]
     if augment:
         steps += [RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(3)]
@@ -122,17 +125,22 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi: Sequence[int]
 
 
 def evaluate_cases(net: torch.nn.Module, cases: Sequence[Mapping[str, Any]], num_classes: int, roi: Sequence[int],
-                   cfg: RaymimConfig, keep: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """``(summary metrics, {case id: prediction})`` over ``cases`` (predictions kept for ``keep``)."""
+                   cfg: RaymimConfig, keep: Sequence[str] = (), by_case: dict[str, dict[str, float]] | None = None,
+                   ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``(summary metrics, {case id: prediction})`` over ``cases`` (predictions kept for ``keep``);
+    ``by_case``, when given, receives each case's own summary (for paired comparisons)."""
     ft = cfg.finetune
     net.eval()
+    names = class_names_for(num_classes, ft.class_names)
     per_case, preds = [], {}
     for case in cases:
         pred = predict_volume(net, case["image"], roi, ft.sw_batch_size, ft.sw_overlap)
         per_case.append(per_case_metrics(pred, case["label"][0], num_classes, case["spacing"], ft.nsd_tolerance_mm))
+        if by_case is not None:
+            by_case[case["id"]] = summarize(per_case[-1:], names)
         if case["id"] in keep:
             preds[case["id"]] = pred.numpy()
-    return summarize(per_case, class_names_for(num_classes, ft.class_names)), preds
+    return summarize(per_case, names), preds
 
 
 def _mean_dice(metrics: Mapping[str, float]) -> float:
@@ -185,7 +193,7 @@ def train_cell(
     warmup = int(round(ft.warmup_fraction * steps))
     sched = WarmupCosineSchedule(opt, warmup_steps=warmup, t_total=max(steps, warmup + 1))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transform = train_transforms(roi, seed, ft.augment)
+    transform = train_transforms(roi, seed, ft.augment, ft.pos_fraction)
     rng = np.random.default_rng(seed)
     val_cases = [cases[i] for i in val_ids]
     select = ft.select if val_cases else "last"
@@ -223,14 +231,17 @@ def train_cell(
         val = best_val
     else:
         val, _ = evaluate_cases(net, val_cases, num_classes, roi, cfg)
-    test, preds = evaluate_cases(net, [cases[i] for i in test_ids], num_classes, roi, cfg, keep=overlay_ids)
+    test_cases: dict[str, dict[str, float]] = {}
+    test, preds = evaluate_cases(net, [cases[i] for i in test_ids], num_classes, roi, cfg, keep=overlay_ids,
+                                 by_case=test_cases)
     return {
         "key": cell_key(cell), "fraction": float(cell["fraction"]), "seed": seed, "init": cell["init"],
         "n_train": len(train), "train_ids": list(cell["train_ids"]), "steps": steps, "best_step": best_step,
         "select": select, "val_curve": curve,
         "loss_first": losses[0] if losses else float("nan"), "loss_last": float(np.mean(losses[-5:])) if losses else
         float("nan"), "train_seconds": train_s, "seconds": time.time() - t0,
-        "test": test, "val": val, "load_report": load_report, "preds": preds,
+        "test": test, "test_cases": test_cases, "val": val, "load_report": load_report, "preds": preds,
+        "fingerprint": cell.get("fingerprint"),
     }
 
 

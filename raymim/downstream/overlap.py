@@ -3,8 +3,9 @@
 A pretrained encoder that saw a test scan during pretraining makes the pretrained-vs-scratch gap
 look larger than it is. Prepared shards hold no paths, only keyed content ids
 (:mod:`raymim.io.deid`: ``HMAC(key, SHA-256 of the input files)``), so the check recomputes the
-same ids for the downstream cases with the shards' key (``$RAYMIM_DEID_KEY``, else the shards'
-``.raymim_secret``) and intersects them with the shards' ``case_id`` column. A pretraining case
+same ids for the downstream cases with the shards' key (the one whose fingerprint the shards
+record: ``$RAYMIM_DEID_KEY``, ``$RAYMIM_DEID_KEY_FILE`` or the per-user key file,
+:func:`raymim.io.deid.find_dataset_key`) and intersects them with the shards' ``case_id`` column. A pretraining case
 is keyed with its label file when its manifest named one, so both variants (image alone, image
 and label) are tried. Paths never leave this function; the report names downstream case ids.
 
@@ -51,15 +52,9 @@ class OverlapError(ValueError):
 
 
 def _key(shards: Path) -> bytes | None:
-    from raymim.io.deid import KEY_ENV, SECRET_NAME
+    from raymim.io.deid import find_dataset_key
 
-    if os.environ.get(KEY_ENV):
-        return os.environ[KEY_ENV].encode()
-    for folder in (shards, shards.parent):
-        secret = folder / SECRET_NAME
-        if secret.is_file():
-            return secret.read_text().strip().encode()
-    return None
+    return find_dataset_key(shards)
 
 
 def pretraining_overlap(cases: Sequence[Mapping[str, Any]], split: Split, shards: str | os.PathLike | None,
@@ -76,7 +71,8 @@ def pretraining_overlap(cases: Sequence[Mapping[str, Any]], split: Split, shards
                                     "has no stable case ids)")
     key = _key(root)
     if key is None:
-        return OverlapReport(False, f"no de-identification key for {root} ($RAYMIM_DEID_KEY or .raymim_secret)")
+        return OverlapReport(False, f"no de-identification key matches the one {root} was prepared with "
+                                    "(set $RAYMIM_DEID_KEY or $RAYMIM_DEID_KEY_FILE)")
     pretrained_ids = set(case_ids(root))
     by_id = {c["id"]: c for c in cases}
     found: dict[str, list[str]] = {}

@@ -372,3 +372,45 @@ def series_geometry(path: str | os.PathLike | Sequence[str | os.PathLike]) -> di
     return {"shape": (int(slices[0].Columns), int(slices[0].Rows), len(order)), "affine_lps": lps,
             "sop_instance_uids": [sop_instance(slices[i]) for i in order],
             "frame_of_reference": str(slices[0].get("FrameOfReferenceUID") or ""), "files": [files[i] for i in order]}
+
+
+# Header elements whose values identify a person, an encounter or a place (besides every PN, DA
+# and DT element): what :func:`header_identifiers` collects for report scrubbing.
+_ID_KEYWORDS = frozenset({
+    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "AccessionNumber", "StudyID", "AdmissionID",
+    "MedicalRecordLocator", "RequestedProcedureID", "PerformedProcedureStepID", "ScheduledProcedureStepID",
+    "FillerOrderNumberImagingServiceRequest", "PlacerOrderNumberImagingServiceRequest", "PatientTelephoneNumbers",
+    "StudyInstanceUID", "SeriesInstanceUID", "PatientInsurancePlanCodeSequence", "MilitaryRank", "BranchOfService",
+})
+_PLACE_KEYWORDS = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "PatientAddress",
+                             "CountryOfResidence", "RegionOfResidence", "PatientReligiousPreference"})
+
+
+def header_identifiers(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, set[str]]:
+    """Identifier values in the headers of a DICOM series (a folder, one file or a list of slice
+    files, as :func:`series_files` takes them), nested sequences included: ``"names"`` (every
+    person-name element: patient, physicians, operators), ``"ids"`` (patient, accession, study
+    and procedure IDs, study / series UIDs, phone numbers), ``"dates"`` (every date and date-time
+    element, as ``YYYYMMDD``) and ``"other"`` (institution, department, addresses). Every slice is
+    read (headers only); a slice whose header cannot be parsed is passed over."""
+    out: dict[str, set[str]] = {"names": set(), "ids": set(), "dates": set(), "other": set()}
+    for f in series_files(path):
+        try:
+            ds = _header(f, force=True)
+            elements = list(ds.iterall())
+        except Exception:  # noqa: BLE001 - the reader rejects what cannot be parsed
+            continue
+        for elem in elements:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            texts = [str(v).strip() for v in values if v not in (None, "") and not isinstance(v, bytes)]
+            if not texts or elem.VR == "SQ":
+                continue
+            if elem.VR == "PN":
+                out["names"].update(texts)
+            elif elem.VR in ("DA", "DT"):
+                out["dates"].update(t[:8] for t in texts if len(t) >= 8)
+            elif elem.keyword in _ID_KEYWORDS:
+                out["ids"].update(texts)
+            elif elem.keyword in _PLACE_KEYWORDS:
+                out["other"].update(texts)
+    return out

@@ -15,8 +15,10 @@ quarantines them. :func:`discover` also returns what is *not* a case: ``skipped`
 an RTSTRUCT / SEG / RTDOSE / SR next to a series, a file named like a label) and ``duplicates``
 (the same scan listed twice: the same file through a symlink or by a relative and an absolute
 path, or a byte-identical copy), each ``{"rel", "reason"}`` (duplicates also ``duplicate_of``, the
-``index`` of the case kept). Reasons are short sentences without paths or header values; ``rel``
-(the path relative to the input root, non-UTF-8 bytes replaced) is for the operator only.
+``index`` of the case kept) and ``path`` (absolute). Reasons are short sentences without paths or
+header values; ``rel`` (the path relative to the input root, non-UTF-8 bytes replaced) and
+``path`` are for the operator only (the console and :mod:`raymim.io.operator_report`, outside the
+dataset).
 
 Folders are searched recursively. NIfTI / NRRD files are cases by name; every other file is
 examined by *content*: DICOM files (by their ``DICM`` marker, whatever they are called) are
@@ -52,7 +54,7 @@ _VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 @dataclass
 class Discovery:
     """What :func:`discover` found: ``cases`` (records, ``index`` = position), ``skipped`` files and
-    ``duplicates`` (``{"rel", "reason"}`` each; duplicates add ``duplicate_of``)."""
+    ``duplicates`` (``{"rel", "path", "reason"}`` each; duplicates add ``duplicate_of``)."""
 
     cases: list[dict[str, Any]]
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -65,6 +67,11 @@ def _rel(path: Path, root: Path) -> str:
     except ValueError:
         rel = path.name
     return printable(rel)
+
+
+def _skip(path: Path, root: Path, reason: str) -> dict[str, str]:
+    """A skipped-file record: ``rel`` and ``path`` (operator only), ``reason`` (no path, no header value)."""
+    return {"rel": _rel(path, root), "path": printable(str(path)), "reason": reason}
 
 
 def _is_label_name(path: Path) -> bool:
@@ -106,24 +113,40 @@ def _problem(path: Path, root: Path) -> str | None:
 # -- folders ---------------------------------------------------------------------------------------
 
 
+_DATA_FILE = re.compile(rb"^data ?file:[ \t]*(\S[^\r\n]*?)[ \t]*\r?$", re.MULTILINE | re.IGNORECASE)
+
+
+def _detached_data(header: Path) -> str | None:
+    """The name of the data file a detached NRRD header (``.nhdr``) names in its own folder (the
+    reader refuses any other), so a folder scan does not report it as a stray file."""
+    try:
+        with open_regular(header) as f:
+            m = _DATA_FILE.search(f.read(1 << 16))
+    except (CaseRejected, OSError):
+        return None
+    name = os.fsdecode(m.group(1)) if m else None
+    return name if name and "/" not in name and "\\" not in name else None
+
+
 def _scan_folder(root: Path, cases: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         others: list[Path] = []
+        data_files = {_detached_data(here / n) for n in filenames if n.lower().endswith(".nhdr")}
         for name in sorted(filenames):
             p = here / name
-            if name.startswith("."):
+            if name.startswith(".") or name in data_files:
                 continue
             if name.lower().endswith(_VOLUME_SUFFIXES):
                 if _is_label_name(p):
-                    skipped.append({"rel": _rel(p, root), "reason": "named like a label file (seg / label / mask)"})
+                    skipped.append(_skip(p, root, "named like a label file (seg / label / mask)"))
                     continue
                 cases.append(_record(len(cases), p, root, error=_problem(p, root)))
                 continue
             why = _problem(p, root)
             if why:
-                skipped.append({"rel": _rel(p, root), "reason": why})
+                skipped.append(_skip(p, root, why))
             else:
                 others.append(p)
         if others:
@@ -134,7 +157,7 @@ def _dicom_cases(folder: Path, root: Path, files: list[Path], cases: list[dict[s
                  skipped: list[dict[str, Any]]) -> None:
     scan = scan_files(files, folder=folder)
     for f, why in scan.skipped:
-        skipped.append({"rel": _rel(f, root), "reason": why})
+        skipped.append(_skip(f, root, why))
     if len(scan.series) == 1:
         # One image series: the folder is the case; the reader sets the other objects aside itself
         # (and rejects the series when one of its slices is unreadable).
@@ -146,7 +169,7 @@ def _dicom_cases(folder: Path, root: Path, files: list[Path], cases: list[dict[s
             rec["rel"] = f"{rec['rel']} (series {n + 1} of {len(scan.series)})"
             cases.append(rec)
         for f, why in scan.broken:
-            skipped.append({"rel": _rel(f, root), "reason": f"{why}; not part of any series read"})
+            skipped.append(_skip(f, root, f"{why}; not part of any series read"))
     elif scan.broken:
         cases.append(_record(len(cases), folder, root, error=f"no readable DICOM image series ({scan.broken[0][1]})"))
 
@@ -300,7 +323,8 @@ def _dedupe(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
         keep.append(case)
     for i, case in enumerate(keep):
         case["index"] = i
-    return keep, [{"rel": c["rel"], "duplicate_of": kept["index"], "reason": why} for c, kept, why in dups]
+    return keep, [{"rel": c["rel"], "path": printable(c["image"]), "duplicate_of": kept["index"], "reason": why}
+                  for c, kept, why in dups]
 
 
 # -- entry points ----------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Report-guided masking (MedIM, Xie et al.): mask the patches a report's words attend to.
 
 Knowledge-driven masking (KDM) averages the attention of the report's keyword tokens over the
-image patches; sentence-driven masking (SDM) uses one sentence's pooled query. Either gives an
-attention map ``attn: [N, L]`` (rows sum to 1). Masking keeps the exact ratio: the
-``(1 - low_share)`` part of the masked tokens are the most-attended patches, the ``low_share``
-part is drawn at random from the less-attended half (diversity, as in MedIM); rows without a
-report fall back to uniform random masking.
+patches; sentence-driven masking (SDM) uses one sentence's pooled query (the keys are MedIM's,
+:mod:`raymim.methods.medim`). Either gives an attention map ``attn: [N, L]`` (rows sum to 1).
+Masking keeps the exact ratio: the ``(1 - low_share)`` part of the masked tokens are the
+most-attended patches, the ``low_share`` part is drawn at random from the less-attended half
+(diversity, as in MedIM); rows without a report fall back to uniform random masking.
 
 Example::
 

@@ -1,29 +1,32 @@
-"""HSSL: multi-domain pretraining, contrastive (NT-Xent) + domain classification; and SimCLR.
+"""HSSL: multi-domain pretraining, contrastive (NT-Xent) + domain classification; and plain SimCLR.
 
 HSSL (seed paper): pool unlabelled scans from several domains (datasets, sites, body regions)
 and pretrain an encoder-decoder with a contrastive loss plus a loss for *which domain* a sample
 came from. Here, per crop:
 
-* two augmented views (random flips per axis, intensity scale / shift, Gaussian noise), each
-  masked MAE-style at ``method.mask_ratio`` (masking is one more augmentation and keeps the
-  encoder visible-only);
+* two augmented views (:func:`augment_view`: a random resized crop with per-axis flips,
+  intensity scale / shift, Gaussian noise);
 * NT-Xent (Chen et al., SimCLR, ICML 2020; temperature ``method.tau``) between the projected,
   mean-pooled *decoder* features of the two views (the encoder-decoder's features);
-* domain classification: a linear head on the mean + std pooled encoder latent, cross-entropy against the
-  batch's ``domain`` strings mapped to ids by ``method.domains`` or, when unset, by a vocabulary
-  built from the data as seen (saved in the state dict, at most ``method.max_domains``; unknown
-  or missing domains are ignored);
-* masked reconstruction of both views (the decoder's job), weight ``method.rec_weight``.
+* domain classification: a linear head on the mean + std pooled encoder latent, cross-entropy
+  against the batch's ``domain`` strings mapped to ids by ``method.domains`` or, when unset, by a
+  vocabulary built from the data as seen (saved in the state dict, at most ``method.max_domains``;
+  unknown or missing domains are ignored).
 
-``L = rec_weight * L_rec + contrast_weight * L_NT-Xent + domain_weight * L_domain``.
+``L = contrast_weight * L_NT-Xent + domain_weight * L_domain (+ rec_weight * L_rec)``. By default
+(``method.rec_weight = 0``) there is no reconstruction term, as the seed describes: the views are
+encoded whole. Deviation (opt-in, ``rec_weight > 0``): each view is masked MAE-style at
+``method.mask_ratio`` and the decoder also reconstructs the masked patches (an MAE term added to
+HSSL's losses; the encoder then sees the visible tokens only).
+
+``"simclr"`` is plain SimCLR, the baseline of the MPS-AMS paper: the same two augmented crops,
+the encoder (no decoder, no masking) mean-pooled into a projection head, NT-Xent; no domain head,
+no reconstruction (it reads ``tau`` and ``proj_dim`` only; a batch needs >= 2 samples for
+negatives). Deviation: SimCLR's colour jitter / blur become 3D intensity scale / shift / noise.
 
 Negatives across DDP ranks: NT-Xent gathers the other ranks' projections as negatives in
 multi-worker runs (:func:`raymim.methods.losses.nt_xent`, ``gather_distributed``); the probe
 (rank 0 only) stays local.
-
-``"simclr"`` is the contrastive part alone (no domain head), the baseline of the MPS-AMS
-paper; it keeps the masked reconstruction term (set ``method.rec_weight=0`` for pure SimCLR,
-which needs a batch of at least 2).
 
 Example::
 
@@ -41,22 +44,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymim.config import RaymimConfig
-from raymim.methods.base import MethodOutput, register_method
+from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import nt_xent
 from raymim.methods.mae import MAE, first_case_id, input_label
 from raymim.methods.strategies import BlockMasking
 from raymim.models.heads import ProjectionHead
 
+CROP_VOLUME = (0.5, 1.0)  # volume fraction of the random resized crop of a view (side: its cube root)
+
 
 def augment_view(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random view of x [N, C, D, H, W]: per-sample flips, intensity scale / shift, noise."""
+    """A random view of x [N, C, D, H, W]: per sample a random resized crop (a box of
+    ``CROP_VOLUME`` of the volume, resampled to the input size) with random flips per axis, then
+    intensity scale / shift and noise. The crop parameters are drawn on the host and applied with
+    one batched ``affine_grid`` / ``grid_sample`` (no read-back from the device)."""
     n = x.shape[0]
-    out = x.clone()
-    flips = torch.rand(n, 3, generator=generator) < 0.5
-    for i in range(n):
-        dims = [2 + a for a in range(3) if flips[i, a]]
-        if dims:
-            out[i] = out[i : i + 1].flip(dims)[0]
+    lo, hi = CROP_VOLUME
+    side = (lo + (hi - lo) * torch.rand(n, 1, generator=generator)) ** (1.0 / 3.0)  # [N, 1]
+    flip = torch.where(torch.rand(n, 3, generator=generator) < 0.5, -1.0, 1.0)
+    offset = (2.0 * torch.rand(n, 3, generator=generator) - 1.0) * (1.0 - side)
+    theta = torch.cat([torch.diag_embed(side * flip), offset.unsqueeze(-1)], dim=-1).to(x)  # [N, 3, 4]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     scale = (1.0 + 0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) - 0.5)).to(x)
     shift = (0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) - 0.5)).to(x)
     # Light noise: the domain head must still see a site's own noise level and contrast. Drawn on
@@ -66,21 +75,30 @@ def augment_view(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     return out * scale + shift + noise
 
 
+def view_visuals(imgs: torch.Tensor, views: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Panels of sample 0: the network ``input`` and its two augmented views (``view1``, ``view2``)."""
+    return {"input": PretrainMethod.panel(imgs), "view1": PretrainMethod.panel(views[:n]),
+            "view2": PretrainMethod.panel(views[n:])}
+
+
 @register_method("hssl")
 class HSSL(MAE):
-    """Two masked views -> encoder -> decoder; NT-Xent + domain head + masked reconstruction."""
+    """Two augmented views -> encoder -> decoder; NT-Xent + domain head (+ masked reconstruction)."""
 
     use_domain = True
+    use_decoder = True
 
     def __init__(self, config: RaymimConfig) -> None:
         super().__init__(config)
         m, mc = config.model, config.method
-        self.proj = ProjectionHead(m.decoder_hidden_size, mc.proj_dim)
+        if not self.use_decoder:
+            self.decoder = None
+        self.proj = ProjectionHead(m.decoder_hidden_size if self.use_decoder else m.hidden_size, mc.proj_dim)
         self.domain_names: list[str] = list(mc.domains) if mc.domains else []
         self.fixed_domains = mc.domains is not None
         width = len(self.domain_names) if self.fixed_domains else mc.max_domains
         self.domain_head = nn.Linear(2 * m.hidden_size, max(width, 1)) if self.use_domain else None
-        # Each view is masked MAE-style (random tokens, whatever method.mask_block says).
+        # With a reconstruction term each view is masked MAE-style (random tokens).
         self.mask_strategy = BlockMasking(tuple(self.grid), mc.mask_ratio, 1)
 
     # The domain vocabulary travels with the weights (a data-built one differs per dataset).
@@ -107,50 +125,69 @@ class HSSL(MAE):
         """[N, K, D] -> [N, 2D]: mean and std over tokens (a site's noise shows in the spread)."""
         return torch.cat([tokens.mean(dim=1), tokens.std(dim=1)], dim=-1)
 
+    def features(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The features the projection head pools: the decoder's [N, L, dec_hidden] (HSSL) or the encoder's latent."""
+        return self.decoder(latent, ids_restore)[1] if self.decoder is not None else latent
+
+    def reconstructs(self) -> bool:
+        return self.decoder is not None and self.config.method.rec_weight > 0
+
     def forward(self, batch: dict[str, Any]) -> MethodOutput:
         mc = self.config.method
         imgs = self.fit_input(batch["image"])
         n = imgs.shape[0]
         views = torch.cat([augment_view(imgs), augment_view(imgs)])  # [2N, ...]
-        tm = self.mask_strategy(views, batch, self.progress)
-        rec = self.reconstruct(views, tm)  # latent [2N, K, hidden], decoder feats [2N, L, dec_hidden]
-        loss_rec = rec.loss
-        proj = self.proj(rec.feats.mean(dim=1))  # [2N, P]
+        metrics: dict[str, torch.Tensor] = {}
+        if self.reconstructs():
+            tm = self.mask_strategy(views, batch, self.progress)
+            rec = self.reconstruct(views, tm)  # latent [2N, K, hidden], decoder feats [2N, L, dec_hidden]
+            latent, feats = rec.latent, rec.feats
+            metrics.update(loss_rec=rec.loss.detach(), mask_ratio=tm.mask.mean().detach())
+            label = f"view 1 (crop, flips, intensity jitter) of a {input_label(batch['image'], imgs)}"
+            visuals = self.reconstruction_visuals(views[:n], rec.pred[:n].detach(), tm.mask[:n], label=label,
+                                                  case_id=first_case_id(batch))
+        else:
+            latent = self.encoder.forward_tokens(views)  # [2N, L, hidden], every token
+            ids = torch.arange(latent.shape[1], device=latent.device).expand(latent.shape[0], -1)
+            feats = self.features(latent, ids)
+            metrics["mask_ratio"] = latent.new_zeros(()).detach()
+            visuals = view_visuals(imgs.detach(), views.detach(), n)
+        proj = self.proj(feats.mean(dim=1))  # [2N, P]
         loss_con = nt_xent(proj[:n], proj[n:], mc.tau)
-        loss = mc.rec_weight * loss_rec + mc.contrast_weight * loss_con
-        metrics = {"loss_rec": loss_rec.detach(), "loss_contrast": loss_con.detach(),
-                   "mask_ratio": tm.mask.mean().detach()}
+        metrics["loss_contrast"] = loss_con.detach()
+        if self.domain_head is None:  # plain SimCLR
+            metrics["loss"] = loss_con.detach()
+            return MethodOutput(loss_con, metrics, visuals)
+        loss = mc.contrast_weight * loss_con
+        if self.reconstructs():
+            loss = loss + mc.rec_weight * rec.loss
         ids = self.domain_ids(batch.get("domain"))
-        if self.domain_head is not None:
-            loss_dom = loss.new_zeros(())
-            if ids is not None and any(i >= 0 for i in ids):  # decided on the host, from the strings
-                logits = self.domain_head(self.pool(rec.latent))  # [2N, D]
-                target = torch.tensor(ids, device=imgs.device).repeat(2)
-                loss_dom = F.cross_entropy(logits, target, ignore_index=-100)
-                valid = (target >= 0).float()
-                hits = (logits.argmax(1) == target).float() * valid
-                metrics["domain_acc"] = (hits.sum() / valid.sum().clamp_min(1.0)).detach()
-            loss = loss + mc.domain_weight * loss_dom
-            metrics["loss_domain"] = loss_dom.detach()
-        metrics["loss"] = loss.detach()
-        label = f"view 1 (flips, intensity jitter) of a {input_label(batch['image'], imgs)}"
-        visuals = self.reconstruction_visuals(views[:n], rec.pred[:n].detach(), tm.mask[:n], label=label,
-                                              case_id=first_case_id(batch))
+        loss_dom = loss.new_zeros(())
+        if ids is not None and any(i >= 0 for i in ids):  # decided on the host, from the strings
+            logits = self.domain_head(self.pool(latent))  # [2N, D]
+            target = torch.tensor(ids, device=imgs.device).repeat(2)
+            loss_dom = F.cross_entropy(logits, target, ignore_index=-100)
+            valid = (target >= 0).float()
+            hits = (logits.argmax(1) == target).float() * valid
+            metrics["domain_acc"] = (hits.sum() / valid.sum().clamp_min(1.0)).detach()
+        loss = loss + mc.domain_weight * loss_dom
+        metrics.update(loss_domain=loss_dom.detach(), loss=loss.detach())
         return MethodOutput(loss, metrics, visuals)
 
     @torch.no_grad()
     def probe_loss(self, images: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor | None:
-        """With a reconstruction term (``rec_weight > 0``): MAE's probe. Without one (SimCLR, or
-        HSSL with ``rec_weight=0``, whose decoder never learns to reconstruct): NT-Xent at a fixed
-        temperature of 0.2 between two fixed augmented views under the probe's fixed mask."""
-        if self.config.method.rec_weight > 0:
+        """With a reconstruction term (HSSL, ``rec_weight > 0``): MAE's probe. Without one (the
+        default HSSL, SimCLR): NT-Xent at a fixed temperature of 0.2 between two fixed augmented
+        views under the probe's fixed token mask at ``ratio`` (a harder, deterministic task that
+        does not depend on the swept hyperparameters)."""
+        if self.reconstructs():
             return super().probe_loss(images, ratio, seed)
         imgs = self.fit_input(images)
         n = imgs.shape[0]
         g = self.probe_generator(seed)
         views = torch.cat([augment_view(imgs.cpu(), g), augment_view(imgs.cpu(), g)]).to(imgs.device)
         tm = self.probe_mask(2 * n, ratio, seed, imgs.device)
-        _, feats = self.forward_decoder(self.forward_encoder(views, tm), tm.ids_restore)
+        feats = self.features(self.forward_encoder(views, tm), tm.ids_restore)
         proj = self.proj(feats.mean(dim=1)).float()
         return nt_xent(proj[:n], proj[n:], 0.2, gather_distributed=False)  # rank 0 alone
 
@@ -164,9 +201,10 @@ class HSSL(MAE):
 
 @register_method("simclr")
 class SimCLR(HSSL):
-    """HSSL's contrastive part alone (NT-Xent on two views, no domain head)."""
+    """Plain SimCLR: two augmented crops -> encoder -> mean pool -> projection head -> NT-Xent."""
 
     use_domain = False
+    use_decoder = False
 
 
-__all__ = ["HSSL", "SimCLR", "nt_xent"]
+__all__ = ["HSSL", "SimCLR", "augment_view", "nt_xent"]

@@ -3,22 +3,24 @@
 Wang et al. (MPS-AMS, seed paper). Two parts, both explicit because the paper's formulas are
 not public:
 
-* **MPS** (:mod:`raymim.masking.selection`): per-patch descriptors, per-volume standardisation
-  (the volume's patch covariance, diagonal), k-means, and the *most atypical* cluster (largest
-  distance of its mean descriptor from the volume's mean patch) masked first, then random
-  patches up to the ratio. ``method.mps_mode``:
+* **MPS** (:mod:`raymim.masking.selection`): per-patch descriptors, each volume's
+  patch-to-patch covariance and cosine-similarity matrices, a clustering of the patches through
+  the similarity matrix (``method.mps_algorithm``, ``mps_clusters`` groups), and the *most
+  atypical* cluster (largest norm of its mean deviation from the volume's mean patch) masked
+  first, then random patches up to the ratio. ``method.mps_mode``:
 
   - ``"online"``: descriptors are the current encoder's patch features (``mps_features``:
-    ``"embed"`` the patch embedding, ``"tokens"`` a no-grad pass of the whole encoder);
-    a torch k-means runs on the batch's pooled, per-volume-standardised patches on the
-    training device every ``mps_every`` steps (in between: nearest cached centre);
+    ``"embed"`` the patch embedding, ``"tokens"`` a no-grad pass of the whole encoder),
+    clustered per volume every step (``"kmeans"``: batched torch k-means on the training
+    device);
   - ``"prior"``: the shards' ``lesion_prob`` column [B, L'] (intensity descriptors clustered
     with scikit-learn during ``raymim prepare``, :mod:`raymim.data.patch_stats`); batches
     without it fall back to online selection (counted as ``mps_prior_missing``);
   - ``"none"``: AMS only (random masking at the scheduled ratio).
 
 * **AMS** (:mod:`raymim.masking.schedules`): the ratio follows ``method.mask_schedule`` from
-  ``mask_ratio_start`` to ``mask_ratio_end`` over training (``set_progress``), logged as
+  ``mask_ratio_start`` to ``mask_ratio_end`` over training (``set_progress``); by default it
+  grows linearly from 0.5 to ``mask_ratio`` (the paper's easy-to-hard ratio), logged as
   ``mask_ratio`` (achieved) and ``mask_ratio_target`` (scheduled).
 
 With ``method.levels == 1`` this is MAE with MPS-AMS masks; with ``levels > 1`` it is MiM whose
@@ -50,7 +52,14 @@ import torch
 
 from raymim.config import RaymimConfig
 from raymim.masking.multilevel import level_box_sides
-from raymim.masking.selection import kmeans, lesion_scores, prior_token_scores, standardize
+from raymim.masking.selection import (
+    centre,
+    cluster_similarity,
+    lesion_scores,
+    patch_covariance,
+    patch_similarity,
+    prior_token_scores,
+)
 from raymim.masking.tokens import TokenMask
 from raymim.methods.base import MethodOutput, host_scalar, register_method
 from raymim.methods.mim import MiM
@@ -64,8 +73,6 @@ class MPSAMS(MiM):
     def __init__(self, config: RaymimConfig) -> None:
         super().__init__(config)
         m, mc = config.model, config.method
-        self._step = 0  # the online k-means refits every mps_every steps
-        self._centres: torch.Tensor | None = None  # online k-means centres (not checkpointed)
         start = mc.mask_ratio if mc.mask_ratio_start is None else mc.mask_ratio_start
         end = mc.mask_ratio if mc.mask_ratio_end is None or mc.mask_schedule == "constant" else mc.mask_ratio_end
         self.ratio_schedule = RatioSchedule(mc.mask_schedule, start, end, mc.mask_warmup, mc.mask_stages)
@@ -75,10 +82,6 @@ class MPSAMS(MiM):
                                         mc.gamma, mc.levels, mc.mask_block, level1_scores=self.level1_scores,
                                         share=mc.mps_share, threshold=mc.mps_threshold)
 
-    def set_progress(self, step: int, total_steps: int) -> None:
-        super().set_progress(step, total_steps)
-        self._step = int(step)
-
     def current_ratio(self) -> float:
         """The AMS ratio at the current progress (``method.mask_ratio`` for a constant schedule)."""
         return self.ratio_schedule(self.progress)
@@ -87,23 +90,17 @@ class MPSAMS(MiM):
 
     @torch.no_grad()
     def online_scores(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Lesion scores [N, L] from the current encoder's patch features (batched torch k-means)."""
+        """Lesion scores [N, L] from the current encoder's patch features: each volume's patch
+        covariance and similarity matrices, the clustering of the similarity matrix, the rule."""
         mc = self.config.method
         if mc.mps_features == "tokens":
             feats = self.encoder.forward_tokens(imgs)
         else:
             feats = self.encoder.embed_patches(imgs, None)
-        z = standardize(feats.float())  # [N, L, F]: per-volume z-scores, the volume mean at 0
-        n, length, _ = z.shape
-        flat = z.reshape(n * length, -1)
-        k = mc.mps_clusters
-        refit = self._centres is None or self._centres.shape[-1] != flat.shape[-1] or self._step % mc.mps_every == 0
-        if refit:
-            assign, centres = kmeans(flat, k, mc.mps_iters)
-            self._centres = centres.detach()
-        else:
-            assign = torch.cdist(flat, self._centres.to(flat)).argmin(1)
-        return lesion_scores(z, assign.view(n, length), self._centres.shape[0])
+        sim = patch_similarity(patch_covariance(feats))  # [N, L, L]
+        k = min(mc.mps_clusters, sim.shape[1])
+        assign = cluster_similarity(sim, k, mc.mps_iters, mc.mps_algorithm)  # [N, L]
+        return lesion_scores(centre(feats), assign, k)
 
     def prior_scores(self, prob: torch.Tensor, n: int) -> torch.Tensor:
         """The shards' lesion_prob [B, L'] (or [B, d, h, w]) resampled to this model's token grid: [B, L]."""

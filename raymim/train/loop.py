@@ -11,9 +11,9 @@ group (``FailureConfig``) or a re-submitted run with the same name picks the lat
 ``ray.train.get_checkpoint()``.
 
 "Where in the data": every worker builds its own crop stream for each iterator pass
-(:func:`raymim.data.stream.crop_stream`: ``epochs_per_pass`` data passes, fresh crops drawn in
-Ray Data tasks, seeded by (seed, pass, volume), order preserved), iterates it with a local
-shuffle seeded by ``(seed, pass)``, and on resume skips the batches the checkpoint says were
+(:func:`raymim.data.stream.crop_stream`: ``epochs_per_pass`` data passes, fresh crops drawn and
+augmented in Ray Data tasks, seeded by (seed, pass, volume), order preserved), iterates it with
+a local shuffle seeded by ``(seed, pass)``, and on resume skips the batches the checkpoint says were
 consumed in the current pass: the same rows, since the stream is deterministic. The ``epoch``
 metric counts passes x ``epochs_per_pass``.
 """
@@ -37,7 +37,6 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from raymim.config import RaymimConfig, config_from_dict
 from raymim.data.stream import crop_stream
 from raymim.train import checkpoint as ckpt
-from raymim.train.augment import augment_batch, build_augment
 from raymim.train.reporting import say
 from raymim.train.schedule import (
     autocast,
@@ -208,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         random.seed(tc.seed + rank)
         np.random.seed(tc.seed + rank)
-        torch.manual_seed(tc.seed + rank)  # different augmentations / masks per rank
+        torch.manual_seed(tc.seed + rank)  # different masks per rank (crops are augmented in the stream)
 
     _record_restored(unrecorded, state, rank, world, device)
 
@@ -233,7 +232,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=tc.batch_size, collate_fn=BatchCollate(), drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=max(4 * tc.batch_size, 8), local_shuffle_seed=tc.seed * 1000 + epoch,
         )
-        aug = None
         seen, outs, wait = 0, [], 0.0
         t_ready = time.perf_counter()
         for batch in batches:
@@ -242,9 +240,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 t_ready = time.perf_counter()
                 continue
             wait += time.perf_counter() - t_ready
-            if aug is None:
-                aug = build_augment(tc.seed * 7919 + rank * 104729 + epoch, shape=tuple(batch["image"].shape[2:]))
-            batch = augment_batch(batch, aug)  # image + lesion_prob together; methods resize to their input size
             batch = _to_device(batch, device)
             method.set_progress(step, tc.steps)
             last_micro = len(outs) == tc.accumulation - 1

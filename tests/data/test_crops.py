@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from raymim.config import PrepareConfig, RaymimConfig, TrainConfig
+from raymim.data.augment import apply_augmentation, augment_crops, draw_augmentation
 from raymim.data.crops import PROBE_PASS, CropSpec, crop_rng, sample_crops, sample_origins
 from raymim.data.stream import epoch_items
 from raymim.data.transforms import is_foreground
-from raymim.train.augment import augment_batch, build_augment
 
 
 def _volume(shape=(40, 36, 30), seed=0) -> dict:
@@ -91,22 +91,57 @@ def test_augmentation_moves_image_label_and_prior_together():
     frac = vol["label"].reshape(8, p, 8, p, 8, p).mean(axis=(1, 3, 5)).astype(np.float32)
     vol["lesion_prob"] = frac
     rows = sample_crops(vol, CropSpec((16, 16, 16), k=4, align=p, pos_fraction=0.5, seed=1), 0)
-    batch = {"image": torch.stack([torch.from_numpy(r["image"].astype(np.float32)) for r in rows]).unsqueeze(1),
-             "label": torch.stack([torch.from_numpy(r["label"]) for r in rows]),
-             "lesion_prob": torch.stack([torch.from_numpy(r["lesion_prob"]) for r in rows])}
     changed = 0
-    for seed in range(6):
-        out = augment_batch(batch, build_augment(seed, shape=(16, 16, 16)))
-        lab = out["label"].float()
-        expect = lab.reshape(4, 4, p, 4, p, 4, p).mean(dim=(2, 4, 6))
-        torch.testing.assert_close(out["lesion_prob"].float(), expect)
-        for b in range(4):  # the label's voxels are still exactly the brightest ones
-            n = int(lab[b].sum())
-            if n:
-                top = out["image"][b, 0].flatten().argsort(descending=True)[:n]
-                assert bool(lab[b].flatten()[top].all())
-        changed += int(not torch.equal(out["label"], batch["label"]))
+    for pass_index in range(6):
+        for row, out in zip(rows, augment_crops(rows, 1, pass_index, record=True), strict=True):
+            lab = out["label"].astype(np.float32)
+            expect = lab.reshape(4, p, 4, p, 4, p).mean(axis=(1, 3, 5))
+            np.testing.assert_allclose(out["lesion_prob"], expect)
+            n = int(lab.sum())
+            if n:  # the label's voxels are still exactly the brightest ones
+                top = np.argsort(-out["image"].astype(np.float32).ravel(), kind="stable")[:n]
+                assert lab.ravel()[top].all()
+            assert out["image"].dtype == np.float16 and out["image"].shape == (16, 16, 16)
+            changed += int(not np.array_equal(out["label"], row["label"]))
     assert changed > 0  # the spatial transforms did act
+
+
+def test_augmentation_follows_monai_transforms_and_probabilities():
+    """The numpy transforms equal MONAI's Flip / Rotate90 / ScaleIntensity / ShiftIntensity for
+    the drawn parameters, and the parameters follow MONAI's probabilities and ranges."""
+    from monai.transforms import Flip, Rotate90, ScaleIntensity, ShiftIntensity
+
+    x = np.random.default_rng(0).random((12, 12, 10)).astype(np.float32)
+    draws = [draw_augmentation(np.random.default_rng(i), x.shape) for i in range(400)]
+    for aug in draws[:20]:
+        ours = apply_augmentation({"image": x}, aug)["image"]
+        ref = torch.from_numpy(x)[None]
+        if aug.flips:
+            ref = Flip(spatial_axis=list(aug.flips))(ref)
+        if aug.rot90:
+            ref = Rotate90(k=aug.rot90, spatial_axes=(0, 1))(ref)
+        ref = ShiftIntensity(aug.shift)(ScaleIntensity(minv=None, maxv=None, factor=aug.scale - 1.0)(ref))
+        np.testing.assert_allclose(ours, np.asarray(ref)[0], rtol=1e-6, atol=1e-6)
+    for axis in range(3):
+        assert 0.4 < np.mean([axis in a.flips for a in draws]) < 0.6
+    assert 0.4 < np.mean([a.rot90 > 0 for a in draws]) < 0.6 and {a.rot90 for a in draws} == {0, 1, 2, 3}
+    scales = np.array([a.scale for a in draws if a.scale != 1.0])
+    shifts = np.array([a.shift for a in draws if a.shift != 0.0])
+    assert 0.4 < len(scales) / 400 < 0.6 and 0.4 < len(shifts) / 400 < 0.6
+    assert scales.min() >= 0.9 and scales.max() <= 1.1 and abs(shifts).max() <= 0.1
+    assert all(a.rot90 == 0 for a in (draw_augmentation(np.random.default_rng(i), (16, 12, 16)) for i in range(50)))
+
+
+def test_augmentation_depends_on_seed_pass_case_and_crop_index_only():
+    vol = _volume((32, 32, 32))
+    rows = sample_crops(vol, CropSpec((16, 16, 16), k=4, seed=2), 3)
+    a = augment_crops(rows, 2, 3, record=True)
+    b = augment_crops([dict(r) for r in rows], 2, 3, record=True)  # a resumed run, another worker
+    assert all(np.array_equal(x["image"], y["image"]) and x["augment"] == y["augment"] for x, y in zip(a, b))
+    assert [r["augment"] for r in augment_crops(rows[1:], 2, 3, record=True)] != [r["augment"] for r in a[1:]]
+    assert [r["augment"] for r in augment_crops(rows, 2, 4, record=True)] != [r["augment"] for r in a]
+    assert [r["augment"] for r in augment_crops(rows, 9, 3, record=True)] != [r["augment"] for r in a]
+    assert len({str(r["augment"]) for r in a}) > 1  # crops of one volume are augmented independently
 
 
 def test_real_ct_lung_stays_lung_like_after_resampling_cropping_and_augmentation(shared_data):
@@ -123,12 +158,10 @@ def test_real_ct_lung_stays_lung_like_after_resampling_cropping_and_augmentation
     lung_label = np.isin(pre["label"], [10, 11, 12, 13, 14]).astype(np.uint8)
     vol = {"image": pre["image"].astype(np.float16), "label": lung_label, "case_id": "ab" * 10}
     rows = sample_crops(vol, CropSpec((32, 32, 32), k=6, pos_fraction=1.0, seed=0), 0)
-    batch = {"image": torch.stack([torch.from_numpy(r["image"].astype(np.float32)) for r in rows]).unsqueeze(1),
-             "label": torch.stack([torch.from_numpy(r["label"]) for r in rows])}
-    out = augment_batch(batch, build_augment(0, shape=(32, 32, 32)))
-    assert not torch.equal(out["label"], batch["label"])  # the augmentation moved things
-    hu = out["image"][:, 0] * 2000.0 - 1000.0  # ct_window [-1000, 1000]; intensity jitter is +-10 %
-    lung = out["label"] > 0
+    out = augment_crops(rows, 0, 0)
+    assert any(not np.array_equal(o["label"], r["label"]) for o, r in zip(out, rows))  # the augmentation moved things
+    hu = np.stack([o["image"] for o in out]).astype(np.float32) * 2000.0 - 1000.0  # intensity jitter is +-10 %
+    lung = np.stack([o["label"] for o in out]) > 0
     tissue = (~lung) & (hu > -500)
     assert lung.sum() > 500
     assert float(hu[lung].mean()) < -450  # raw CT: about -760 HU inside these labels
@@ -158,12 +191,21 @@ def test_crop_stream_fresh_per_pass_and_reproducible(ray_session, phantoms, tmp_
     prepare(phantoms, tmp_path / "out", prep, progress=False)
     spec = stream_spec(str(tmp_path / "out"), RaymimConfig(prepare=prep, train=TrainConfig(steps=2, seed=5)))
 
-    def rows(epoch, rank=0, world=1):
-        return [(r["case_id"], int(r["pass"]), tuple(r["origin"])) for r in
-                crop_stream(spec, epoch, rank, world).take_all()]
+    def rows(epoch, rank=0, world=1, images=False):
+        got = crop_stream(spec, epoch, rank, world).take_all()
+        return [(r["case_id"], int(r["pass"]), tuple(r["origin"])) + ((r["image"].tobytes(),) if images else ())
+                for r in got]
 
-    first, again, second = rows(0), rows(0), rows(1)
-    assert first == again  # same rows, same order
+    first, again, second = rows(0, images=True), rows(0, images=True), rows(1)
+    assert first == again  # same rows, same order, same augmented images
+    # the stream's crops are the sampler's crops augmented with their (seed, pass, case, index) draws
+    from raymim.data.stream import volume_crops
+
+    local = volume_crops(epoch_items(spec, 0, 0, 1)[0], spec)
+    assert [r["image"].tobytes() for r in local] == [f[3] for f in first[:2]]
+    plain = volume_crops(epoch_items(spec, 0, 0, 1)[0], dict(spec, crop=dict(spec["crop"], augment=False)))
+    assert any(p["image"].tobytes() != f[3] for p, f in zip(plain, first[:2]))
+    first = [f[:3] for f in first]
     assert len(first) == len(second) == 12
     by_case = {}
     for cid, p, o in first + second:
@@ -210,3 +252,21 @@ def test_config_crop_fields_validated_and_old_keys_refused():
         load_config(None, ["prepare.crop_mode=grid"])  # fixed prepare-time crops are gone
     with pytest.raises(ValueError, match="crop_pos_fraction"):
         PrepareConfig(crop_pos_fraction=1.5)
+
+
+def test_positional_methods_get_no_spatial_augmentation(phantoms):
+    """MedIM's word maps are fixed over the patch grid: its crops are never flipped or rotated,
+    while every other method's are."""
+    from pathlib import Path
+
+    from raymim.config import load_config
+    from raymim.data.stream import stream_spec
+
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    specs = {m: stream_spec(str(phantoms), load_config(configs / f"{m}-tiny.yaml")) for m in ("mae", "medim")}
+    assert specs["mae"]["crop"]["spatial"] and not specs["medim"]["crop"]["spatial"]
+    draws = [draw_augmentation(np.random.default_rng(s), (8, 8, 8), spatial=False) for s in range(50)]
+    assert all(d.flips == () and d.rot90 == 0 for d in draws)
+    assert any(d.scale != 1.0 or d.shift != 0.0 for d in draws)
+    spatial = [draw_augmentation(np.random.default_rng(s), (8, 8, 8)) for s in range(50)]
+    assert any(d.flips for d in spatial) and any(d.rot90 for d in spatial)

@@ -119,6 +119,30 @@ def test_train_transforms_keep_image_and_label_aligned():
     assert len(crops) > 3
 
 
+def test_training_crops_follow_the_pos_neg_ratio(tmp_path):
+    """On a labelled phantom (one organ as the class), the share of training crops centred on a
+    label voxel follows ``finetune.pos_fraction`` (MONAI RandCropByPosNegLabeld; a few negatives
+    near the border are shifted inside the volume onto the organ, hence the tolerance)."""
+    from raymim.config import FinetuneConfig, PrepareConfig
+    from raymim.data.synth import generate_phantoms
+    from raymim.downstream.data import load_labelled_cases
+
+    assert FinetuneConfig().pos_fraction == 0.5  # MONAI's BTCV recipe, pos = neg = 1
+    with pytest.raises(ValueError, match="finetune.pos_fraction"):
+        FinetuneConfig(pos_fraction=1.5)
+    manifest = generate_phantoms(tmp_path / "phantoms", cases=1, size=48, seed=0)
+    (case,), _ = load_labelled_cases(str(manifest), PrepareConfig(), [5], (8, 8, 8))
+    assert 0.02 < float((case["label"] > 0).float().mean()) < 0.1  # a small organ: uniform crops would rarely hit it
+    shares = {}
+    for p in (0.25, 0.75):
+        transform = train_transforms((8, 8, 8), 0, augment=False, pos_fraction=p)
+        crops = [transform({"image": case["image"], "label": case["label"]})[0]["label"] for _ in range(120)]
+        hits = [bool(torch.as_tensor(c)[0, 4, 4, 4]) for c in crops]  # the crop's centre voxel
+        shares[p] = sum(hits) / len(hits)
+        assert abs(shares[p] - p) < 0.1, shares
+    assert shares[0.75] - shares[0.25] > 0.35
+
+
 def test_layer_decay_groups(vit_ckpt):
     state, pcfg = load_pretrained(vit_ckpt)
     net, prefix = build_segmentation_network(pcfg.model, 4, (32, 32, 32), state, feature_size=8, norm_name="batch")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import Executor
 from itertools import repeat
 
@@ -11,13 +10,11 @@ import torch
 
 from raymim.config import PrepareConfig
 from raymim.data.patch_stats import PriorModel, fit_prior, lesion_prob, patch_descriptors
-from raymim.data.synth import LESION
-from raymim.data.synth import phantom_batch as phantom_batch  # re-exported for the method tests
+from raymim.data.synth import disjoint_reports as disjoint_reports  # re-exported for the method tests
+from raymim.data.synth import named_sites as named_sites
+from raymim.data.synth import named_voxels
+from raymim.data.synth import phantom_batch as phantom_batch
 from raymim.masking.tokens import patchify
-
-# The generator's organ labels by (side, organ) as its reports name them.
-ORGAN_LABEL = {("right", "liver"): 2, ("right", "kidney"): 3, ("left", "kidney"): 4, ("right", "lung"): 5,
-               ("left", "lung"): 6}
 
 
 def lesion_masking_factor(mask: torch.Tensor, lesion: torch.Tensor, ratio: float) -> float:
@@ -42,36 +39,7 @@ def phantom_priors(images: torch.Tensor, cfg: PrepareConfig, model: PriorModel,
     return torch.stack(list(pool.map(*args, chunksize=8) if pool else map(*args)))
 
 
-def named_sites(report: str) -> set[tuple[str, str]]:
-    """The (side, organ) pairs a phantom report's findings name."""
-    return set(re.findall(r"in the (right|left) (liver|kidney|lung)", report))
-
-
 def named_patches(labels: torch.Tensor, reports: list[str], patch: int) -> torch.Tensor:
-    """[N, L] bool: patches at least 25 % inside an organ + side that the report names, its lesions included.
-
-    The generator overwrites a lesion's voxels with label 8 (``LESION``) and names every lesion it
-    places in the report, so the named region is the named organs' labels plus every label-8 voxel.
-    """
-    masks = []
-    for lab, rep in zip(labels, reports, strict=True):
-        m = lab == LESION
-        for site in named_sites(rep):
-            m |= lab == ORGAN_LABEL[site]
-        masks.append(m)
-    return patchify(torch.stack(masks).float(), patch).mean(-1) >= 0.25
-
-
-def disjoint_reports(reports: list[str], sites: int = 3) -> list[str]:
-    """For each report, the next one of the same site (``phantom_batch`` cycles ``sites``) that names
-    none of its organ + side pairs: a control whose words point elsewhere in the same kind of image."""
-    out = []
-    n = len(reports)
-    for i, rep in enumerate(reports):
-        own = named_sites(rep)
-        js = [(i + k * sites) % n for k in range(1, n // sites + 1)]
-        j = next((j for j in js if j != i and not named_sites(reports[j]) & own), None)
-        if j is None:
-            raise ValueError(f"no same-site report names none of {sorted(own)}; draw more phantoms.")
-        out.append(reports[j])
-    return out
+    """[N, L] bool: patches at least 25 % inside an organ + side that the report names, its lesions
+    included (:func:`raymim.data.synth.named_voxels`)."""
+    return patchify(named_voxels(labels, reports).float(), patch).mean(-1) >= 0.25

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from raymim.config import MethodConfig
+from raymim.masking.multilevel import mim_levels
 from raymim.methods import MAE, MiM, build_method
 from raymim.methods.losses import cross_level_infonce, masked_recon_loss
+from raymim.methods.mim import level1_side_choices
 
 from .conftest import tiny_config
 
@@ -55,3 +58,47 @@ def test_masked_recon_loss_ignores_visible_patches():
     mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     assert masked_recon_loss(pred, target, mask).item() == 1.0
     assert masked_recon_loss(pred, target, mask, "l1").item() == 1.0
+
+
+def _nested(levels) -> bool:
+    """Every box of level l + 1 lies inside the box of its parent volume at level l."""
+    for parent, child in zip(levels, levels[1:]):
+        outer = parent.boxes[torch.arange(child.boxes.shape[0])[:, None], child.parent]  # [B, n, 6]
+        inside = (child.boxes[..., :3] >= outer[..., :3]).all() & (child.boxes[..., 3:] <= outer[..., 3:]).all()
+        if not bool(inside):
+            return False
+    return True
+
+
+def test_level1_scale_varies_within_its_range_and_levels_nest(volume: torch.Tensor):
+    """The default 192 / 96 / 16 hierarchy at random level-1 scales: level-1 sides cover the
+    range (volume fraction 0.2..1 of 192^3: sides 112..192), deeper levels keep their ratios,
+    and every child box lies inside its parent's box, each level resized to the input."""
+    mc = MethodConfig()
+    choices = level1_side_choices(192, mc.level_sizes, 3, 96 // 16, mc.mask_ratio, 1, mc.level1_scale)
+    firsts = [c[0] for c in choices]
+    assert min(firsts) >= 0.2 ** (1 / 3) * 192 - 1e-6 and max(firsts) == 192 and len(choices) >= 8
+    assert all(abs(c[1] - c[0] / 2) <= 0.5 and abs(c[2] - c[0] / 12) <= 1 for c in choices)
+    image = torch.rand(1, 1, 192, 192, 192)
+    for sides in (choices[0], choices[len(choices) // 2]):
+        g = torch.Generator().manual_seed(sides[0])
+        levels = mim_levels(image, 96, 16, sides, 0.6, 4, generator=g)
+        assert [{int(b[3] - b[0]) for b in lv.boxes.reshape(-1, 6)} for lv in levels] == [{s} for s in sides]
+        assert all(lv.volumes.shape[2:] == (96, 96, 96) for lv in levels) and _nested(levels)
+
+    # the method draws a scale per step, in range, and its levels nest
+    torch.manual_seed(0)
+    method = build_method("mim", tiny_config("mim", levels=2, level_sizes=[32, 8], gamma=2, mask_ratio=0.6))
+    batch = {"image": volume.repeat(2, 1, 1, 1, 1)}
+    seen = set()
+    for _ in range(20):
+        levels = method.training_levels(batch)
+        sides = [lv.side for lv in levels]
+        seen.add(sides[0])
+        assert 0.2 ** (1 / 3) * 32 - 1e-6 <= sides[0] <= 32 and abs(sides[1] - sides[0] / 4) <= 0.5
+        assert all(lv.volumes.shape[2:] == (32, 32, 32) for lv in levels) and _nested(levels)
+    assert len(seen) >= 5
+    fixed = build_method("mim", tiny_config("mim", levels=2, level_sizes=[32, 8], gamma=2, level1_scale=[1.0, 1.0]))
+    assert {fixed.training_levels(batch)[0].side for _ in range(5)} == {32}
+    out = method(batch)
+    assert torch.isfinite(out.loss) and "loss_align_l2" in out.metrics

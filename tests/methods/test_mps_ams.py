@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymim.config import ModelConfig
+from raymim.config import MethodConfig, ModelConfig
 from raymim.masking.selection import lesion_token_mask
 from raymim.methods import build_method
 
@@ -26,9 +26,33 @@ def test_schedule_drives_the_mask_ratio(volume: torch.Tensor):
     assert seen[0][0] < seen[1][0] < seen[2][0]
 
 
+def test_the_default_ratio_grows_over_training(volume: torch.Tensor):
+    """MethodConfig's AMS default: linear from 0.5 to mask_ratio (MPS-AMS is not MPS alone)."""
+    cfg = tiny_config("mps_ams", levels=1)
+    assert cfg.method.mask_schedule == MethodConfig().mask_schedule == "linear"
+    method = build_method("mps_ams", cfg)
+    seen = []
+    for step in (0, 10):
+        method.set_progress(step, 10)
+        seen.append(float(method({"image": volume}).metrics["mask_ratio_target"]))
+    assert seen == [0.5, cfg.method.mask_ratio]
+
+
+def test_online_covariance_clustering_masks_lesion_patches_first():
+    """Online MPS on an untrained encoder's patch embeddings (24 held-out 64^3 phantoms): the
+    patch similarity matrix clustered per volume masks lesion patches >= 3x as often as random."""
+    torch.manual_seed(0)
+    img, lab, _ = phantom_batch(24, size=64, seed=2)
+    cfg = tiny_config("mps_ams", levels=1, mps_mode="online", mps_clusters=4)
+    cfg.model = ModelConfig(img_size=64, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
+                            decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
+    factor = _online_factor(build_method("mps_ams", cfg), img, lesion_token_mask(lab, 8))
+    print(f"online MPS lesion masking factor at ratio 0.1, untrained: {factor:.2f}x (random: 1.0x)")
+    assert factor >= 3.0
+
+
 def _online_factor(method, img: torch.Tensor, lesion: torch.Tensor, ratio: float = 0.1) -> float:
     with torch.no_grad():
-        method._centres = None  # refit on these volumes
         scores = method.online_scores(img)
         torch.manual_seed(1)
         return lesion_masking_factor(method.mask_from(scores, len(img), img.device, ratio).mask, lesion, ratio)
@@ -36,7 +60,7 @@ def _online_factor(method, img: torch.Tensor, lesion: torch.Tensor, ratio: float
 
 @pytest.mark.slow
 def test_online_selection_masks_lesion_patches_first():
-    """Online MPS (k-means on patch embeddings) on 48 held-out 64^3 phantoms, after a 60-step warm-up."""
+    """Online MPS (similarity-matrix k-means, patch embeddings), 48 held-out 64^3 phantoms, after 60 steps."""
     torch.manual_seed(0)
     train, _, _ = phantom_batch(24, size=64, seed=0)
     held = [phantom_batch(24, size=64, seed=s) for s in (1, 2)]

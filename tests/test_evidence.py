@@ -1,0 +1,100 @@
+"""``raymim evidence``: the paired-gain statistics on known differences, and one smoke-preset run
+end to end (real pretraining on Ray, real fine-tuning, MLflow), rerun to check it resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from raymim.evidence import PRESETS, evidence, evidence_rows, paired_gain
+
+
+def _cells(values: dict[int, dict[str, float]], init: str, fraction: float = 0.1) -> list[dict]:
+    return [{"seed": s, "init": init, "fraction": fraction, "n_train": 3,
+             "test": {"dice/mean": float(np.mean(list(v.values())))},
+             "test_cases": {c: {"dice/mean": x} for c, x in v.items()}} for s, v in values.items()]
+
+
+def test_paired_gain_of_a_constant_shift_is_exact():
+    rng = np.random.default_rng(0)
+    scratch = {s: {f"c{i}": float(rng.uniform(0.2, 0.6)) for i in range(6)} for s in range(3)}
+    pre = {s: {c: v + 0.05 for c, v in cases.items()} for s, cases in scratch.items()}
+    g = paired_gain(_cells(pre, "pretrained"), _cells(scratch, "scratch"))
+    assert g["pairs"] == 18 and g["seeds"] == 3
+    assert g["gain"] == pytest.approx(0.05) and g["lo"] == pytest.approx(0.05) and g["hi"] == pytest.approx(0.05)
+
+
+def test_paired_gain_interval_covers_noise_and_excludes_zero_only_with_a_real_gain():
+    rng = np.random.default_rng(1)
+    scratch = {s: {f"c{i}": float(rng.uniform(0.2, 0.6)) for i in range(10)} for s in range(3)}
+    noisy = {s: {c: v + float(rng.normal(0.0, 0.05)) for c, v in cases.items()} for s, cases in scratch.items()}
+    g = paired_gain(_cells(noisy, "pretrained"), _cells(scratch, "scratch"))
+    assert g["lo"] < g["gain"] < g["hi"] and g["lo"] < 0 < g["hi"]
+    better = {s: {c: v + 0.1 + float(rng.normal(0.0, 0.02)) for c, v in cases.items()}
+              for s, cases in scratch.items()}
+    g = paired_gain(_cells(better, "pretrained"), _cells(scratch, "scratch"))
+    assert g["lo"] > 0.05
+
+
+def test_paired_gain_skips_unscorable_cases_and_unpaired_seeds():
+    scratch = {0: {"a": 0.5, "b": math.nan}, 1: {"a": 0.4}}
+    pre = {0: {"a": 0.7, "b": 0.9}, 2: {"a": 0.1}}
+    g = paired_gain(_cells(pre, "pretrained"), _cells(scratch, "scratch"))
+    assert g["pairs"] == 1 and g["gain"] == pytest.approx(0.2)
+    assert math.isnan(paired_gain([], [])["gain"])
+
+
+def test_rows_put_scratch_once_and_a_gain_per_method():
+    scratch = _cells({0: {"a": 0.5}, 1: {"a": 0.4}}, "scratch")
+    results = {"mae": scratch + _cells({0: {"a": 0.6}, 1: {"a": 0.5}}, "pretrained"),
+               "mim": scratch + _cells({0: {"a": 0.3}, 1: {"a": 0.2}}, "pretrained")}
+    rows = evidence_rows(results)
+    assert [r["init"] for r in rows] == ["scratch", "mae", "mim"]
+    assert rows[1]["gain"] == pytest.approx(0.1) and rows[2]["gain"] == pytest.approx(-0.2)
+    assert "gain" not in rows[0]
+
+
+def test_usage_errors_exit_2_in_one_line(tmp_path):
+    for argv in (["--methods", "nope"], ["--fractions", "0,1"], ["--seeds", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "raymim.cli", "evidence", "--out", str(tmp_path), *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end_then_resumes(ray_session, tmp_path, capsys):
+    import mlflow
+
+    preset = PRESETS["smoke"]
+    assert evidence(preset, tmp_path) == 0
+    report = (tmp_path / "evidence.md").read_text()
+    assert "| 50% | scratch |" in report and "| 50% | mae |" in report and "## Targets" in report
+    data = json.loads((tmp_path / "evidence.json").read_text())
+    rows = {(r["fraction"], r["init"]): r for r in data["rows"]}
+    assert set(rows) == {(0.5, "scratch"), (0.5, "mae"), (1.0, "scratch"), (1.0, "mae")}
+    mae = rows[(0.5, "mae")]
+    assert 0.0 <= mae["dice/mean"] <= 1.0 and mae["seeds"] == preset.seeds
+    assert mae["gain_lo"] <= mae["gain"] <= mae["gain_hi"] and mae["gain_pairs"] > 0
+    assert (tmp_path / "evidence.png").stat().st_size > 1000
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("raymim-evidence")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`raymim.kind` = 'evidence'")
+    assert len(runs) == 1 and "evidence/mae/f0.50/gain" in runs[0].data.metrics
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"evidence.md", "evidence.png"}
+    capsys.readouterr()
+
+    # a rerun trains nothing again: pretraining is finished, every fine-tuning cell is reused
+    cells = sorted((tmp_path / "finetune" / "mae" / "cells").glob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in cells}
+    assert evidence(preset, tmp_path) == 0
+    out = capsys.readouterr().out
+    n = len(preset.fractions) * preset.seeds * 2
+    assert f"{n} of {n} cell(s) already finished" in out
+    assert {p: p.stat().st_mtime_ns for p in cells} == stamps
+    assert json.loads((tmp_path / "evidence.json").read_text())["rows"] == data["rows"]
