@@ -97,7 +97,9 @@ def _system_failures() -> tuple[type[BaseException], ...]:
 
 
 def _task_options(memory: int | None, retries: int) -> dict[str, Any]:
-    opts: dict[str, Any] = {"num_cpus": 1, "max_retries": retries, "name": TASK_NAME}
+    # SPREAD: volumes go to every node of the cluster from the start (the default policy fills
+    # the driver's node first), as reading and preprocessing scale with the nodes' cores and disks
+    opts: dict[str, Any] = {"num_cpus": 1, "max_retries": retries, "name": TASK_NAME, "scheduling_strategy": "SPREAD"}
     if memory:
         opts["memory"] = int(memory)
     return opts

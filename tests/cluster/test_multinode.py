@@ -5,7 +5,7 @@ The cluster is this test's own: its own temp dir, ports and auth token, never th
 of the pretraining job cannot share a node; the spare CPU per node runs Ray Data tasks.
 
 Checks: a prepare job (`ray job submit ... --runtime-env jobs/runtime_env.yaml -- raymim prepare`)
-runs its Ray Data tasks on both nodes (state API, by node id); a pretraining job (jobs/pretrain.sh)
+runs its prepare tasks on both nodes (state API, by node id); a pretraining job (jobs/pretrain.sh)
 prints one ``rank r/w on node ID`` line per worker, on both nodes; stopped after a checkpoint with
 ``ray job stop`` and submitted again with the same name, it resumes from that checkpoint and
 ends at the configured step count. Every process of the cluster is gone afterwards.
@@ -199,8 +199,8 @@ def test_two_node_prepare_pretrain_stop_resume(cluster: Cluster):
         "info = JobSubmissionClient(A).get_job_info('prep-1')\n"
         "ts = list_tasks(address=A, filters=[('job_id', '=', info.job_id), ('type', '=', 'NORMAL_TASK')],"
         " detail=True, limit=10000, raise_on_missing_output=False)\n"
-        "print(json.dumps(sorted({t.node_id for t in ts if t.name.startswith('MapBatches') and t.node_id})))")
-    assert set(data_nodes) == nodes, f"Ray Data tasks ran on {data_nodes}, cluster nodes {nodes}\n{out[-3000:]}"
+        "print(json.dumps(sorted({t.node_id for t in ts if t.name == 'raymim-prepare' and t.node_id})))")
+    assert set(data_nodes) == nodes, f"prepare tasks ran on {data_nodes}, cluster nodes {nodes}\n{out[-3000:]}"
     timings["prepare"] = time.perf_counter() - t
 
     # Pretraining through the job entry; stopped once it logged a step past the first checkpoint.

@@ -134,7 +134,8 @@ def _tiny(name: str, **method) -> RaymimConfig:
 
 def test_mim_panel_rows_are_labelled_levels(tmp_path, close_figures):
     torch.manual_seed(0)
-    method = build_method("mim", _tiny("mim", levels=2, level_sizes=[64, 16], gamma=2))
+    # level1_scale pinned at 1: the level-1 box keeps its configured side (by default it is drawn)
+    method = build_method("mim", _tiny("mim", levels=2, level_sizes=[64, 16], gamma=2, level1_scale=[1.0, 1.0]))
     out = method({"image": torch.rand(2, 1, 64, 64, 64), "case_id": ["ds/case_1", "ds/case_2"]})
     fig = panel_figure(out.visuals, title="mim step 5")
     labels = _row_labels(fig)
