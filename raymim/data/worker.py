@@ -25,7 +25,7 @@ from raymim.config import PrepareConfig
 from raymim.data import shards as shard_io
 from raymim.io.checks import CaseRejected
 from raymim.io.deid import content_digest, keyed_id, scrub_report
-from raymim.io.discover import case_input
+from raymim.io.discover import case_input, digest_input
 
 # Status-record fields the driver reads but no commit record (shards/, _status/, manifest.json) holds.
 OPERATOR_ONLY = ("index", "detail")
@@ -179,7 +179,7 @@ def process_case(case: dict[str, Any], ctx: dict[str, Any]) -> tuple[dict[str, A
         status.update(case_id=cid, reason=case["error"], status="skipped" if skipped else "rejected")
         return status, None
     try:
-        digest = content_digest(case_input(case), case.get("label"))
+        digest = content_digest(digest_input(case), digest_input(case, "label"))
         status["input_bytes"] = _input_bytes(case)
     except OSError as exc:
         cid = keyed_id(key, "input:" + case["rel"])

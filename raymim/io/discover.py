@@ -44,7 +44,7 @@ from raymim.io.checks import CaseRejected, open_regular, regular_file
 from raymim.io.deid import content_digest
 from raymim.io.dicom import scan_files
 from raymim.io.manifests import ManifestError, cell, printable, read_manifest, read_msd
-from raymim.io.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES
+from raymim.io.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES, volume_files
 
 _LABEL_NAME = re.compile(r"(^|[_\-.])(seg|segmentation|label|labels|mask)([_\-.]|$)", re.IGNORECASE)
 _LABEL_DIR = re.compile(r"^labels", re.IGNORECASE)
@@ -93,6 +93,15 @@ def case_input(case: dict[str, Any], key: str = "image") -> str | list[str] | No
     if key == "image" and path and case.get("series_files"):
         return [os.path.join(path, name) for name in case["series_files"]]
     return path
+
+
+def digest_input(case: dict[str, Any], key: str = "image") -> str | list[str] | None:
+    """What :func:`~raymim.io.deid.content_digest` hashes for ``case[key]``: :func:`case_input`,
+    with a detached NRRD header's data file beside the header (:func:`~raymim.io.readers.volume_files`)."""
+    x = case_input(case, key)
+    if isinstance(x, str | os.PathLike) and str(x).lower().endswith(".nhdr"):
+        return [str(f) for f in volume_files(x)]
+    return x
 
 
 def _problem(path: Path, root: Path) -> str | None:
@@ -229,7 +238,7 @@ def _from_rows(rows: list[tuple[str, dict[str, Any]]], root: Path, domain: str |
 
 
 def _members(case: dict[str, Any]) -> list[Path]:
-    image = case_input(case)
+    image = digest_input(case)
     if isinstance(image, list):
         return [Path(p) for p in image]
     p = Path(image)
@@ -292,7 +301,7 @@ def _dedupe(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
     def _cached(case: dict[str, Any], kind: str) -> str:
         if (id(case), kind) not in cache:
             cache[(id(case), kind)] = _fingerprint(case) if kind == "print" else \
-                content_digest(case_input(case), case.get("label"))
+                content_digest(digest_input(case), digest_input(case, "label"))
         return cache[(id(case), kind)]
 
     for case in cases:

@@ -181,6 +181,21 @@ def _data_file(path: Path, header: dict) -> Path | None:
     return data
 
 
+def volume_files(path: str | os.PathLike) -> list[Path]:
+    """The files that hold one volume: a detached NRRD header (``.nhdr``) and the data file it
+    names, otherwise the file itself. Content ids hash all of them: two headers alike byte for
+    byte (same geometry, the same relative data-file name) in two folders are two scans. A data
+    file that is missing or refused leaves the header alone (the reader then rejects the case)."""
+    p = Path(path)
+    if not p.name.lower().endswith(".nhdr"):
+        return [p]
+    try:
+        data = _data_file(p, _nrrd_header(p)[0])
+    except (CaseRejected, OSError, ValueError):
+        return [p]
+    return [p] if data is None else [p, data]
+
+
 def _bounded_decompress(f: Any, codec: str, limit: int) -> bytes:
     """Decode a gzip / bzip2 stream, never producing more than ``limit`` + 1 bytes (a stream that
     holds more than its header declares is refused without being expanded)."""

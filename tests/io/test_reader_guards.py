@@ -175,3 +175,23 @@ def test_degenerate_affines_have_plain_reasons(tmp_path, case, expected):
         path.write_bytes(bytes(raw))
     reason = _rejected(path)
     assert expected in reason and "SVD" not in reason
+
+
+def test_detached_nrrd_pairs_with_equal_headers_are_different_scans(tmp_path):
+    """The header of a detached NRRD names its data file by a relative name: two scans of one
+    geometry exported alike have byte-identical headers. The content id hashes the data file
+    too, so both are kept; a true copy of a pair is still a duplicate."""
+    from raymim.io.discover import discover
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / "root" / name).mkdir(parents=True)
+        _nhdr(tmp_path / "root" / name, "x.raw")
+    first = rng.integers(0, 1000, (8, 8, 8), dtype=np.int16).tobytes(order="F")
+    (tmp_path / "root" / "a" / "x.raw").write_bytes(first)
+    (tmp_path / "root" / "b" / "x.raw").write_bytes(rng.integers(0, 1000, (8, 8, 8), dtype=np.int16).tobytes(order="F"))
+    (tmp_path / "root" / "c" / "x.raw").write_bytes(first)  # a copy of a
+    found = discover(tmp_path / "root")
+    kept = sorted(Path(c["image"]).parent.name for c in found.cases)
+    assert kept == ["a", "b"], (kept, found.duplicates)
+    assert [Path(d["path"]).parent.name for d in found.duplicates] == ["c"]
