@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,11 @@ def log_shards_input(client: Any, run_id: str, data: str) -> str | None:
     if not manifest.is_file():
         return None
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
-    source = resolve_dataset_source(str(Path(data).resolve()))
+    with warnings.catch_warnings():
+        # MLflow registers its local-artifact source twice (local paths and file://) and warns that
+        # the path "can be interpreted in multiple ways"; both are the same local source
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(data).resolve()))
     dataset = Dataset(name=Path(data).resolve().name, digest=digest, source_type=source._get_source_type(),
                       source=source.to_json())
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])

@@ -65,3 +65,22 @@ def test_encoder_registered_and_loadable_from_the_registry(tmp_path, monkeypatch
     inputs = client.get_run(run_id).inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.digest == digest and inputs[0].dataset.name == "shards"
     assert log_shards_input(client, run_id, str(tmp_path)) is None  # raw scans: nothing to record
+
+
+def test_shards_input_is_logged_without_a_user_warning(tmp_path):
+    """MLflow's source registry warns that a local path 'can be interpreted in multiple ways'
+    (its local-artifact source is registered twice); every pretraining run on shards printed it."""
+    import warnings
+
+    from raymim.train.tracking import log_shards_input
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"volumes": 1}')
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("inputs"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        digest = log_shards_input(client, run.info.run_id, str(shards))
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert digest and [i.dataset.digest for i in inputs] == [digest] and inputs[0].dataset.name == "shards"
