@@ -332,7 +332,11 @@ def evidence(preset: Preset, out: Path, overrides: Sequence[str] = (), results: 
 
     t0 = time.time()
     from raymim.data.pipeline import prepare
+    from raymim.ray_session import ensure_ray, pretrain_log_settings
 
+    # one Ray session for the whole run, with the worker output pretraining prints (its step
+    # lines); prepare would otherwise start it without worker output
+    ensure_ray(**pretrain_log_settings())
     pool_scans = _phantoms(out / "pool", preset.pool_cases, preset.size, seed=101)
     pool = out / "pool-shards"
     summary = prepare(str(pool_scans), pool, _config(preset.methods[0], preset, overrides, out).prepare,

@@ -18,6 +18,7 @@ Image and label go through the same spatial transforms, so they stay aligned.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -76,10 +77,17 @@ class LoadVolumed(MapTransform):
         super().__init__(keys)
         self.reader = VolumeReader(validate=validate) if max_voxels is None else \
             VolumeReader(validate=validate, max_voxels=max_voxels)
-        with warnings.catch_warnings():  # MONAI builds every default reader; the nvImageCodec one warns
-            # when its optional plugin is absent, though only VolumeReader is ever used here
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-            self.loader = LoadImage(image_only=True)
+        # MONAI builds every default reader; the nvImageCodec one warns (a warning and a log line)
+        # when its optional plugin is absent, though only VolumeReader is ever used here
+        plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+        level = plugin_log.level
+        plugin_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+                self.loader = LoadImage(image_only=True)
+        finally:
+            plugin_log.setLevel(level)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
