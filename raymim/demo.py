@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from raymim.cli import add_config_arguments
+from raymim.cli import UsageError, add_config_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "jobs" / "configs" / "mim-tiny.yaml"
@@ -43,13 +43,13 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
 
     from raymim.data.pipeline import prepare
-    from raymim.data.synth import generate_phantoms
+    from raymim.data.synth import reuse_or_generate_phantoms
 
-    phantoms = out / "phantoms"
-    manifest = next(iter(sorted(phantoms.glob("manifest.*"))), None) if phantoms.is_dir() else None
-    if manifest is None:
-        print(f"[demo] generating {args.cases} phantoms ({args.size}^3) in {phantoms}", flush=True)
-        manifest = generate_phantoms(phantoms, cases=args.cases, size=args.size, seed=0)
+    try:
+        manifest = reuse_or_generate_phantoms(out / "phantoms", args.cases, args.size, seed=0,
+                                              log=lambda m: print(f"[demo] {m}", flush=True))
+    except ValueError as e:
+        raise UsageError(f"{e} (or the same --cases / --size as before)") from None
     shards = out / "shards"
     print(f"[demo] preparing {manifest} -> {shards}", flush=True)
     summary = prepare(str(manifest), shards, cfg.prepare, progress=True)

@@ -181,20 +181,14 @@ def paired_gain(pre: Sequence[Mapping[str, Any]], scratch: Sequence[Mapping[str,
             "seeds": len(arrays)}
 
 
-def _mean_std(cells: Sequence[Mapping[str, Any]], key: str) -> tuple[float, float]:
-    vals = np.asarray([c["test"].get(key, math.nan) for c in cells], dtype=float)
-    vals = vals[~np.isnan(vals)]
-    if not len(vals):
-        return math.nan, math.nan
-    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-
-
 # ----------------------------------------------------------------------------- report
 
 def evidence_rows(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (fraction, init): ``scratch`` once (shared twin), then each method; metric
     means and stds over seeds of the class-averaged test metrics and of the lesion class, and for
     methods the paired gains (Dice averaged over classes, and lesion Dice) over scratch."""
+    from raymim.downstream.metrics import aggregate_seeds
+
     rows = []
     first = next(iter(results.values()))
     fractions = sorted({float(c["fraction"]) for c in first})
@@ -208,9 +202,11 @@ def evidence_rows(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[di
                 continue
             row: dict[str, Any] = {"fraction": f, "init": name, "seeds": len(cells),
                                    "n_train": int(cells[0]["n_train"])}
+            agg = aggregate_seeds([c["test"] for c in cells])
             for m in METRICS:
-                row[f"{m}/mean"], row[f"{m}/std"] = _mean_std(cells, f"{m}/mean")
-            row["dice/lesion"], row["dice/lesion_std"] = _mean_std(cells, "dice/lesion")
+                row[f"{m}/mean"], row[f"{m}/std"] = agg.get(f"{m}/mean", math.nan), agg.get(f"{m}/mean_std", math.nan)
+            row["dice/lesion"], row["dice/lesion_std"] = agg.get("dice/lesion", math.nan), agg.get("dice/lesion_std",
+                                                                                                  math.nan)
             if name != "scratch":
                 own_scratch = [c for c in results[name] if c["init"] == "scratch" and float(c["fraction"]) == f]
                 for key, metric in (("gain", "dice/mean"), ("lesion_gain", "dice/lesion")):
@@ -305,12 +301,13 @@ def _finetune_config(preset: Preset, overrides: Sequence[str], out: Path):
 
 
 def _phantoms(folder: Path, cases: int, size: int, seed: int) -> Path:
-    from raymim.data.synth import generate_phantoms
+    from raymim.data.synth import reuse_or_generate_phantoms
 
-    found = sorted(folder.glob("manifest.*")) if folder.is_dir() else []
-    if found:
-        return found[0]
-    return generate_phantoms(folder, cases=cases, size=size, seed=seed)
+    try:
+        return reuse_or_generate_phantoms(folder, cases, size, seed,
+                                          log=lambda m: print(f"[evidence] {m}", flush=True))
+    except ValueError as e:
+        raise UsageError(f"{e} (another --out, or the preset it was made with)") from None
 
 
 def run_evidence(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -164,6 +165,33 @@ def generate_phantoms(out_dir: str | os.PathLike, cases: int, size: int = 64, se
         writer = csv.DictWriter(f, fieldnames=["image", "label", "report", "domain"])
         writer.writeheader()
         writer.writerows(rows)
+    return manifest
+
+
+PHANTOMS_RECORD = "phantoms.json"
+
+
+def reuse_or_generate_phantoms(out_dir: str | os.PathLike, cases: int, size: int = 64, seed: int = 0,
+                               sites: int = 3, log=None) -> Path:
+    """The manifest of the phantoms in ``out_dir`` when they were generated with these arguments,
+    else generate them (``log(message)`` is told). A folder that holds phantoms made with other
+    arguments is refused (``ValueError`` naming both), so a changed setting never trains on a
+    stale set; a folder from before the record existed is reused as it is."""
+    out = Path(out_dir)
+    wanted = {"cases": int(cases), "size": int(size), "seed": int(seed), "sites": int(sites)}
+    record = out / PHANTOMS_RECORD
+    manifest = out / "manifest.csv"
+    if manifest.is_file():
+        if not record.is_file():
+            return manifest
+        found = json.loads(record.read_text())
+        if found == wanted:
+            return manifest
+        raise ValueError(f"{out} holds phantoms generated with {found}, not {wanted}: use another folder")
+    if log is not None:
+        log(f"generating {cases} phantoms ({size}^3) in {out}")
+    manifest = generate_phantoms(out, cases=cases, size=size, seed=seed, sites=sites)
+    record.write_text(json.dumps(wanted))
     return manifest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from raymim.data.synth import LESION, phantom_batch
@@ -16,3 +17,15 @@ def test_phantom_batch_shapes_range_and_determinism():
     again, label2, reports2 = phantom_batch(3, size=32, seed=5)
     assert torch.equal(image, again) and torch.equal(label, label2) and reports == reports2
     assert not torch.equal(image, phantom_batch(3, size=32, seed=6)[0])
+
+
+def test_phantoms_are_reused_only_when_made_with_the_same_arguments(tmp_path):
+    from raymim.data.synth import reuse_or_generate_phantoms
+
+    told: list[str] = []
+    first = reuse_or_generate_phantoms(tmp_path / "p", cases=2, size=16, seed=3, log=told.append)
+    stamp = first.stat().st_mtime_ns
+    again = reuse_or_generate_phantoms(tmp_path / "p", cases=2, size=16, seed=3, log=told.append)
+    assert again == first and first.stat().st_mtime_ns == stamp and len(told) == 1  # generated once
+    with pytest.raises(ValueError, match="'size': 16.*'size': 24"):
+        reuse_or_generate_phantoms(tmp_path / "p", cases=2, size=24, seed=3)
