@@ -55,6 +55,23 @@ TASK_CLASSES = [2, 3, 4, 5, 6, 8]
 TASK_NAMES = ["liver", "kidney_right", "kidney_left", "lung_right", "lung_left", "lesion"]
 METRICS = ("dice", "nsd", "hd95", "ppv", "sensitivity")
 
+# The real-data side (../shared/data, see its README): unlabelled real CTs join the pretraining
+# pool; the labelled task is the two TotalSegmentator examples that share a class map (silver
+# labels), the NIfTI torso CT for training and the DICOM series for testing, on the organs both
+# label (TotalSegmentator v2 ids). The Slicer chest CT's lungs and the pyradiomics nodule have no
+# second labelled case of their class to test on, so those scans serve as unlabelled pool CTs.
+REAL_POOL = ("crlm/CRLM-CT-1004_ct.nii.gz", "crlm/CRLM-CT-1006_ct.nii.gz", "totalsegmentator/aorta_ct_cropped.nii.gz",
+             "pyradiomics/lung1_image.nrrd", "slicerio/CTChest4.nrrd")
+REAL_TASK = (
+    {"id": "ts_example_ct", "image": "totalsegmentator/example_ct.nii.gz",
+     "label": "totalsegmentator/example_seg_fast_force_split.nii.gz", "split": "train"},
+    {"id": "ts_example_dicom", "image": "totalsegmentator/example_ct_dicom",
+     "label": "totalsegmentator/example_seg_dicom.nii.gz", "split": "test"},
+)
+REAL_CLASSES = [1, 5]
+REAL_NAMES = ["spleen", "liver"]
+DEFAULT_REAL_DATA = REPO.parent / "shared" / "data"
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -69,6 +86,7 @@ class Preset:
     finetune_steps: int | None = None  # None: finetune.steps_per_case budget
     val_fraction: float = 0.2
     test_fraction: float = 0.3
+    real: bool = True  # the real-data task too (skipped with a note when the data is absent)
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -76,7 +94,7 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(),
     "gpu": Preset(pool_cases=200, task_cases=60, pretrain_steps=3000, batch_size=8),
     "smoke": Preset(methods=("mae",), pool_cases=6, task_cases=8, size=64, pretrain_steps=4, batch_size=2,
-                    fractions=(0.5, 1.0), seeds=2, finetune_steps=2, val_fraction=0.25, test_fraction=0.25,
+                    fractions=(0.5, 1.0), seeds=2, finetune_steps=2, val_fraction=0.25, test_fraction=0.25, real=False,
                     overrides=("train.num_workers=1", "train.checkpoint_every=4", "train.log_every=2",
                                "train.visual_every=4", "model.num_layers=2")),
 }
@@ -99,6 +117,10 @@ def add_evidence_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", default=None, help="comma-separated label fractions (preset: 0.1,1.0)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps per method")
     parser.add_argument("--out", default="raymim-evidence", help="working folder (default: ./raymim-evidence)")
+    parser.add_argument("--real-data", default=None, metavar="DIR",
+                        help="the shared real scans (default: $RAYMIM_DATA or ../shared/data beside the repository); "
+                             "absent: the real-data task is skipped with a note")
+    parser.add_argument("--no-real", action="store_true", help="phantom task only")
     parser.add_argument("--results", action="store_true",
                         help="also write bench/results/evidence_<date>.md in the repository")
 
@@ -133,7 +155,21 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         if args.pretrain_steps < 1:
             raise UsageError("--pretrain-steps must be at least 1")
         p = replace(p, pretrain_steps=args.pretrain_steps)
+    if args.no_real:
+        p = replace(p, real=False)
     return p
+
+
+def real_data_root(arg: str | None) -> Path:
+    import os
+
+    return Path(arg or os.environ.get("RAYMIM_DATA") or DEFAULT_REAL_DATA).expanduser().resolve()
+
+
+def real_data_missing(root: Path) -> list[str]:
+    """The files of the real-data side missing under ``root`` (empty: all there)."""
+    wanted = [*REAL_POOL, *(r[k] for r in REAL_TASK for k in ("image", "label"))]
+    return [w for w in wanted if not (root / w).exists()]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -300,6 +336,19 @@ def _finetune_config(preset: Preset, overrides: Sequence[str], out: Path):
         "mlflow.experiment=raymim-evidence", *steps, *preset.overrides, *overrides])
 
 
+def _real_finetune_config(preset: Preset, overrides: Sequence[str], out: Path):
+    """The phantom task's recipe on the real task: CT window, its two organs, every labelled
+    training case (one), no validation case (the last weights are scored)."""
+    from raymim.config import load_config
+
+    steps = [f"finetune.steps={preset.finetune_steps}"] if preset.finetune_steps else []
+    return load_config(CONFIGS / "base-tiny.yaml", [
+        "prepare.modality=ct", f"finetune.classes={REAL_CLASSES}", f"finetune.class_names=[{', '.join(REAL_NAMES)}]",
+        "finetune.fractions=[1.0]", f"finetune.seeds={preset.seeds}", "finetune.val_fraction=0.0",
+        "finetune.overlays=1", f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+        "mlflow.experiment=raymim-evidence", *steps, *preset.overrides, *overrides])
+
+
 def _phantoms(folder: Path, cases: int, size: int, seed: int) -> Path:
     from raymim.data.synth import reuse_or_generate_phantoms
 
@@ -310,17 +359,53 @@ def _phantoms(folder: Path, cases: int, size: int, seed: int) -> Path:
         raise UsageError(f"{e} (another --out, or the preset it was made with)") from None
 
 
+def pool_with_real_scans(phantom_manifest: Path, root: Path) -> Path:
+    """A manifest of the phantom pool plus the real pool CTs, copied beside it (``real/``; the
+    data plane reads nothing outside a manifest's folder): ``pool.csv`` in the phantoms' folder.
+    The copies live in the evidence working folder, never in the repository."""
+    import csv
+    import shutil
+
+    folder = phantom_manifest.parent
+    with open(phantom_manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    (folder / "real").mkdir(exist_ok=True)
+    for rel in REAL_POOL:
+        dest = folder / "real" / rel.replace("/", "__")
+        if not dest.exists():
+            shutil.copyfile(root / rel, dest.with_suffix(dest.suffix + ".part"))
+            dest.with_suffix(dest.suffix + ".part").rename(dest)
+        rows.append({"image": f"real/{dest.name}", "label": "", "report": "", "domain": "real-ct"})
+    manifest = folder / "pool.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "label", "report", "domain"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def real_task_records(root: Path) -> list[dict[str, str]]:
+    """The labelled real cases as fine-tuning records (fixed sides: train / test)."""
+    return [{**r, "image": str(root / r["image"]), "label": str(root / r["label"])} for r in REAL_TASK]
+
+
 def run_evidence(args: argparse.Namespace) -> int:
     preset = preset_from_args(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    return evidence(preset, out, list(args.overrides), results=args.results,
+    real_root = real_data_root(args.real_data)
+    if preset.real and real_data_missing(real_root):
+        if args.real_data:
+            raise UsageError(f"--real-data {args.real_data}: missing {', '.join(real_data_missing(real_root)[:3])}")
+        print(f"[evidence] no real scans at {real_root}: the real-data task is skipped (see --real-data)", flush=True)
+        preset = replace(preset, real=False)
+    return evidence(preset, out, list(args.overrides), results=args.results, real_root=real_root,
                     command=" ".join(["raymim", "evidence", *sys.argv[2:]]) if sys.argv[1:2] == ["evidence"]
                     else "raymim evidence")
 
 
 def evidence(preset: Preset, out: Path, overrides: Sequence[str] = (), results: bool = False,
-             command: str = "raymim evidence") -> int:
+             command: str = "raymim evidence", real_root: Path | None = None) -> int:
     """Run (or resume) the experiment under ``out``; writes ``out/evidence.md``, ``evidence.json``,
     ``evidence.png`` and one MLflow run. Returns the exit code."""
     from raymim.downstream.evaluate import run_finetune
@@ -335,10 +420,14 @@ def evidence(preset: Preset, out: Path, overrides: Sequence[str] = (), results: 
     # lines); prepare would otherwise start it without worker output
     ensure_ray(**pretrain_log_settings())
     pool_scans = _phantoms(out / "pool", preset.pool_cases, preset.size, seed=101)
+    real_root = real_root or real_data_root(None)
+    if preset.real:
+        pool_scans = pool_with_real_scans(pool_scans, real_root)
     pool = out / "pool-shards"
     summary = prepare(str(pool_scans), pool, _config(preset.methods[0], preset, overrides, out).prepare,
                       progress=False)
-    print(f"[evidence] pretraining pool: {summary.get('volumes')} volume(s) in {pool}", flush=True)
+    print(f"[evidence] pretraining pool: {summary.get('volumes')} volume(s) in {pool}"
+          f"{f' ({len(REAL_POOL)} real CTs among them)' if preset.real else ''}", flush=True)
     if summary.get("exit_code") == 1:
         raise RuntimeError(f"preparing the pretraining pool failed: {summary.get('rejected')} case(s) rejected "
                            f"(see {pool})")
@@ -346,7 +435,9 @@ def evidence(preset: Preset, out: Path, overrides: Sequence[str] = (), results: 
     print(f"[evidence] {len(preset.methods)} method(s) x {len(preset.fractions)} fraction(s) x {preset.seeds} "
           f"seed(s); pool {preset.pool_cases} phantoms, task {preset.task_cases}", flush=True)
     ft_cfg = _finetune_config(preset, overrides, out)
+    real_cfg = _real_finetune_config(preset, overrides, out) if preset.real else None
     per_method: dict[str, list[dict[str, Any]]] = {}
+    real_rows: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, dict[str, float]] = {}
     shared_scratch: Path | None = None
     for i, method in enumerate(preset.methods, 1):
@@ -365,16 +456,26 @@ def evidence(preset: Preset, out: Path, overrides: Sequence[str] = (), results: 
                            "first_loss": res.first_loss or math.nan}
         shared_scratch = shared_scratch or ft_out
         per_method[method] = [_load(ft_out / "cells" / f"{cell_key(r)}.json") for r in ft.rows]
+        if real_cfg is not None:
+            real_out = out / "finetune-real" / method
+            if method != preset.methods[0]:
+                _copy_scratch_cells(out / "finetune-real" / preset.methods[0], real_out)
+            t = time.time()
+            rt = run_finetune(res.checkpoint_path, real_task_records(real_root), real_cfg, real_out, engine="local",
+                              pretrain_data=str(pool))
+            timings[method]["real_finetune_s"] = time.time() - t
+            real_rows[method] = [_load(real_out / "cells" / f"{cell_key(r)}.json") for r in rt.rows]
         print(f"[evidence] {method}: pretrained in {pre_s:.0f} s, fine-tuned in {timings[method]['finetune_s']:.0f} s",
               flush=True)
     rows = evidence_rows(per_method)
+    real = evidence_rows(real_rows) if real_rows else []
     low = min(preset.fractions)
-    text = _report(rows, preset, timings, command, low, ft.split, time.time() - t0)
+    text = _report(rows, preset, timings, command, low, ft.split, time.time() - t0, real)
     (out / "evidence.md").write_text(text)
-    (out / "evidence.json").write_text(json.dumps({"preset": asdict(preset), "rows": rows, "timings": timings},
-                                                  indent=1, default=float))
+    (out / "evidence.json").write_text(json.dumps({"preset": asdict(preset), "rows": rows, "real_rows": real,
+                                                   "timings": timings}, indent=1, default=float))
     plot_rows(rows, out / "evidence.png")
-    _log_mlflow(rows, preset, out, f"sqlite:///{out / 'mlflow.db'}")
+    _log_mlflow(rows, preset, out, f"sqlite:///{out / 'mlflow.db'}", real)
     if results:
         dest = REPO / "bench" / "results" / f"evidence_{dt.date.today().isoformat()}.md"
         dest.write_text(text)
@@ -396,7 +497,8 @@ def _copy_scratch_cells(src: Path, dest: Path) -> None:
             target.write_text(p.read_text())
 
 
-def _report(rows, preset: Preset, timings, command: str, low: float, split, seconds: float) -> str:
+def _report(rows, preset: Preset, timings, command: str, low: float, split, seconds: float,
+            real: Sequence[Mapping[str, Any]] = ()) -> str:
     lines = [f"# Evidence: pretrained vs scratch ({dt.date.today().isoformat()})", "",
              f"Command: `{command}`", "",
              f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}; "
@@ -406,7 +508,8 @@ def _report(rows, preset: Preset, timings, command: str, low: float, split, seco
              f"phantoms (disjoint from the {preset.pool_cases}-phantom pretraining pool); classes "
              f"{', '.join(TASK_NAMES)}; metrics on the test cases, mean ± std over seeds; gains paired over "
              "(seed, test case), 95 % two-level bootstrap interval.", "",
-             markdown_table(rows), "## Targets", "", *verdicts(rows, low), "", "## Pretraining", "",
+             markdown_table(rows), "## Real-data task", "", *_real_section(real), "",
+             "## Targets", "", *verdicts(rows, low), "", "## Pretraining", "",
              "| method | pretrain s | fine-tune s | loss first -> last |", "|---|---|---|---|"]
     for m, t in timings.items():
         lines.append(f"| {m} | {t['pretrain_s']:.0f} | {t['finetune_s']:.0f} | {_f(t['first_loss'])} -> "
@@ -414,7 +517,18 @@ def _report(rows, preset: Preset, timings, command: str, low: float, split, seco
     return "\n".join(lines) + "\n"
 
 
-def _log_mlflow(rows, preset: Preset, out: Path, uri: str) -> None:
+def _real_section(real: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not real:
+        return ["Not run (no real scans found, or --no-real)."]
+    return [f"Pretraining pool: the phantoms plus {len(REAL_POOL)} unlabelled real CTs ({', '.join(REAL_POOL)}). "
+            f"Fine-tuning: {REAL_TASK[0]['image']} (train) -> {REAL_TASK[1]['image']} (test), classes "
+            f"{', '.join(REAL_NAMES)} (TotalSegmentator silver labels); one training and one test case, so the "
+            "interval is over seeds only. Whether the two TotalSegmentator examples are the same patient is not "
+            "recorded in the data; read the figures as a check that the pipeline runs on real CT, not as a "
+            "generalisation measurement.", "", markdown_table(real)]
+
+
+def _log_mlflow(rows, preset: Preset, out: Path, uri: str, real: Sequence[Mapping[str, Any]] = ()) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -424,7 +538,7 @@ def _log_mlflow(rows, preset: Preset, out: Path, uri: str) -> None:
     rid = run.info.run_id
     for k, v in asdict(preset).items():
         client.log_param(rid, f"evidence.{k}", str(v))
-    for r in rows:
+    for r in [*rows, *({**r, "init": f"real/{r['init']}"} for r in real)]:
         base = f"evidence/{r['init']}/f{r['fraction']:.2f}"
         for key in ("dice/mean", "dice/lesion", "gain", "gain_lo", "gain_hi", "lesion_gain"):
             if key in r and r[key] == r[key]:

@@ -60,7 +60,8 @@ def test_rows_put_scratch_once_and_a_gain_per_method():
 
 
 def test_usage_errors_exit_2_in_one_line(tmp_path):
-    for argv in (["--methods", "nope"], ["--fractions", "0,1"], ["--seeds", "0"]):
+    for argv in (["--methods", "nope"], ["--fractions", "0,1"], ["--seeds", "0"],
+                 ["--real-data", str(tmp_path / "absent")]):
         proc = subprocess.run([sys.executable, "-m", "raymim.cli", "evidence", "--out", str(tmp_path), *argv],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
@@ -98,3 +99,21 @@ def test_smoke_preset_end_to_end_then_resumes(ray_session, tmp_path, capsys):
     assert f"{n} of {n} cell(s) already finished" in out
     assert {p: p.stat().st_mtime_ns for p in cells} == stamps
     assert json.loads((tmp_path / "evidence.json").read_text())["rows"] == data["rows"]
+
+
+def test_real_scans_join_the_pool_and_the_real_task_is_complete(shared_data, tmp_path):
+    from raymim.data.synth import reuse_or_generate_phantoms
+    from raymim.evidence import REAL_POOL, pool_with_real_scans, real_data_missing, real_task_records
+    from raymim.io.discover import discover_cases
+
+    assert real_data_missing(shared_data) == []
+    assert len(real_data_missing(tmp_path)) == len(REAL_POOL) + 4
+    manifest = pool_with_real_scans(reuse_or_generate_phantoms(tmp_path / "pool", 2, 16), shared_data)
+    cases = discover_cases(manifest)
+    assert len(cases) == 2 + len(REAL_POOL) and not [c for c in cases if c.get("error")]
+    real = [c for c in cases if c.get("domain") == "real-ct"]
+    assert len(real) == len(REAL_POOL) and all(not c.get("label") for c in real)
+    assert all(str(tmp_path) in c["image"] for c in real)  # copies inside the working folder
+    assert pool_with_real_scans(tmp_path / "pool" / "manifest.csv", shared_data).read_text() == manifest.read_text()
+    records = real_task_records(shared_data)
+    assert [r["split"] for r in records] == ["train", "test"]
