@@ -17,12 +17,21 @@ Per method, for fp32 and bf16 (``precision="auto"`` resolves to bf16 on Hopper):
   (must be finite and lower) and the relative gap between the bf16 and fp32 losses of the same
   masked forward at the start.
 
-Baselines, same run: bf16 vs fp32 (speed-up ratio) and each method vs MAE at the same precision.
+Variants (``--attention fused,einsum`` and ``--compile off,on`` run each combination): the
+blocks' attention through torch's fused ``scaled_dot_product_attention`` (``model.fused_attention``,
+the default) or MONAI's einsum path, and the method's forward through ``torch.compile`` (the
+compiled module is the one the step calls; AOTAutograd compiles its backward; the training loop's
+``train.compile``). The compile time (the first step) is reported apart from the timed steps.
+
+Baselines, same run: bf16 vs fp32 (speed-up ratio), each method vs MAE at the same precision and
+variant, and each variant vs the einsum + eager variant of the same case and batch.
 
 Run (on the lent GPU machine; results go to a dated file in bench/results/ and bench/RESULTS.md by hand)::
 
     python3 bench/bench_gpu.py --batch 8 --reps 20 --json gpu.json
-    python3 bench/bench_gpu.py --batch 8,32 --cases mae,mae-compiled,mim,medim-kdm --no-fit
+    python3 bench/bench_gpu.py --batch 8,32 --cases mae,mim,medim-kdm --no-fit
+    python3 bench/bench_gpu.py --batch 8,32 --cases mae,simmim,mim,mps_ams-online,hssl --no-fit \
+        --attention einsum,fused --compile off,on --json gpu_fused_compiled.json
     python3 bench/bench_gpu.py --profile mae --batch 8
 """
 
@@ -37,14 +46,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.config import ModelConfig, RaymimConfig, config_from_dict
 from raymim.data.synth import phantom_batch
 from raymim.methods import build_method
 from raymim.train.schedule import autocast, build_scaler, resolve_precision
 
 VIT_B = dict(hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12)  # decoder: the package default
 
-# (label, method name, backbone, MethodConfig overrides)
+# (label, method name, backbone, fields of the method's config)
 CASES = [
     ("mae", "mae", "vit", {"mask_ratio": 0.75}),
     ("simmim", "simmim", "vit", {"mask_ratio": 0.6}),
@@ -54,13 +63,18 @@ CASES = [
     ("medim-kdm", "medim", "vit", {"mask_ratio": 0.75, "medim_mode": "kdm"}),
     ("hssl", "hssl", "vit", {"mask_ratio": 0.75}),
     ("simclr", "simclr", "vit", {}),
-    ("mae-compiled", "mae", "vit", {"mask_ratio": 0.75}),  # torch.compile(method): launch overhead
 ]
 
 
-def config(name: str, backbone: str, overrides: dict, img: int) -> RaymimConfig:
-    model = ModelConfig(backbone=backbone, img_size=img, patch_size=16, **VIT_B)
-    return RaymimConfig(model=model, method=MethodConfig(name=name, **overrides))
+def config(name: str, backbone: str, overrides: dict, img: int, fused: bool = True) -> RaymimConfig:
+    """ViT-B/16 (or Swin) at ``img``^3; ``fused``: ``model.fused_attention`` (a tree without that
+    field has MONAI's einsum attention only)."""
+    model = dict(backbone=backbone, img_size=img, patch_size=16, **VIT_B)
+    if "fused_attention" in ModelConfig.__dataclass_fields__:
+        model["fused_attention"] = fused
+    elif fused:
+        raise SystemExit("this tree has no model.fused_attention; run with --attention einsum")
+    return config_from_dict({"model": model, "method": {"name": name, **overrides}})
 
 
 def make_batch(n: int, img: int, device: torch.device, seed: int = 0) -> dict:
@@ -118,22 +132,28 @@ def time_steps(step, warmup: int, reps: int) -> list[float]:
     return times
 
 
-def run_case(label, name, backbone, overrides, bs, args, device, peak) -> dict:
-    res: dict = {"case": label, "batch": bs, "img": args.img}
+def run_case(label, name, backbone, overrides, bs, args, device, peak, fused: bool = True,
+             compiled: bool = False) -> dict:
+    res: dict = {"case": label, "batch": bs, "img": args.img, "attention": "fused" if fused else "einsum",
+                 "compiled": compiled}
     batch = make_batch(bs, args.img, device)
     for precision in ("fp32", resolve_precision("auto", device)):
         torch.manual_seed(0)
-        method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
+        method = build_method(name, config(name, backbone, overrides, args.img, fused)).to(device)
         opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
         scaler = build_scaler(precision, device)
-        if label.endswith("-compiled"):
-            method = torch.compile(method)
-        step = step_fn(method, opt, scaler, batch, precision, device)
-        if precision == "fp32":
+        if precision == "fp32":  # FLOPs of the eager step (the compiled one does the same matrix products)
             counter = FlopCounterMode(display=False)
             with counter:
-                step()
+                step_fn(method, opt, scaler, batch, precision, device)()
             res["gflop_per_step"] = counter.get_total_flops() / 1e9
+        fwd = torch.compile(method, dynamic=False) if compiled else method  # as the loop's train.compile
+        step = step_fn(fwd, opt, scaler, batch, precision, device)
+        if compiled:  # the first call compiles the forward, its backward and the step's graphs
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            res[f"compile_s_{precision}"] = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats()
         times = time_steps(step, args.warmup, args.reps)
         med = statistics.median(times)
@@ -149,7 +169,7 @@ def run_case(label, name, backbone, overrides, bs, args, device, peak) -> dict:
         return res
     # AMP check: the same masked forward in fp32 and bf16, then bf16 training on one batch.
     torch.manual_seed(1)
-    method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
+    method = build_method(name, config(name, backbone, overrides, args.img, fused)).to(device)
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(2)
@@ -168,7 +188,8 @@ def profile_case(label: str, args, device: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     _, name, backbone, overrides = next(c for c in CASES if c[0] == label)
-    method = build_method(name, config(name, backbone, overrides, args.img)).to(device)
+    fused = args.attention.split(",")[0] == "fused"
+    method = build_method(name, config(name, backbone, overrides, args.img, fused)).to(device)
     opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
     batch = make_batch(int(args.batch.split(",")[0]), args.img, device)
     step = step_fn(method, opt, build_scaler("bf16", device), batch, "bf16", device)
@@ -192,7 +213,18 @@ def main() -> None:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--no-fit", action="store_true", help="skip the AMP check (timings only)")
     ap.add_argument("--profile", help="instead: torch.profiler table of 5 bf16 steps of this case")
+    ap.add_argument("--attention", default="fused", help="fused (torch SDPA, model.fused_attention) and/or "
+                    "einsum (MONAI's path); a comma list runs each")
+    ap.add_argument("--compile", default="off", help="off and/or on (torch.compile of the method); "
+                    "a comma list runs each")
     args = ap.parse_args()
+    attention = args.attention.split(",")
+    compiles = args.compile.split(",")
+    if set(attention) - {"fused", "einsum"} or set(compiles) - {"off", "on"}:
+        ap.error(f"--attention takes fused,einsum and --compile off,on; got {args.attention!r} and {args.compile!r}")
+    unknown = sorted(set(args.cases.split(",")) - {c[0] for c in CASES})
+    if unknown:
+        ap.error(f"--cases should be among {','.join(c[0] for c in CASES)}, got {','.join(unknown)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False).")
     device = torch.device("cuda")
@@ -211,28 +243,41 @@ def main() -> None:
         for label, name, backbone, overrides in CASES:
             if label not in wanted:
                 continue
-            t0 = time.perf_counter()
-            try:
-                res = run_case(label, name, backbone, overrides, bs, args, device, peak)
-            except Exception as exc:  # report and go on: one failing method must not hide the others
-                res = {"case": label, "batch": bs, "error": f"{type(exc).__name__}: {exc}"}
-            res["wall_s"] = time.perf_counter() - t0
-            results.append(res)
-            print(json.dumps(res), flush=True)
-    print("\n| case | batch | GFLOP/step | fp32 ms | bf16 ms | bf16 speed-up | bf16 samples/s | bf16 TFLOP/s (MFU) "
-          "| vs MAE (bf16) | peak GiB bf16 | bf16 fit first -> last | bf16/fp32 loss gap |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for att in attention:
+                for comp in compiles:
+                    t0 = time.perf_counter()
+                    variant = {"attention": att, "compiled": comp == "on"}
+                    try:
+                        res = run_case(label, name, backbone, overrides, bs, args, device, peak,
+                                       fused=att == "fused", compiled=comp == "on")
+                    except Exception as exc:  # report and go on: one failing method must not hide the others
+                        res = {"case": label, "batch": bs, **variant, "error": f"{type(exc).__name__}: {exc}"}
+                    res["wall_s"] = time.perf_counter() - t0
+                    results.append(res)
+                    print(json.dumps(res), flush=True)
+
+    def same(r: dict, **want) -> dict | None:
+        keys = {"case": r["case"], "batch": r["batch"], "attention": r["attention"], "compiled": r["compiled"], **want}
+        return next((b for b in results if all(b.get(k) == v for k, v in keys.items()) and "error" not in b), None)
+
+    print("\n| case | batch | attention | compiled | GFLOP/step | fp32 ms | bf16 ms | bf16 speed-up | bf16 samples/s "
+          "| bf16 TFLOP/s (MFU) | vs MAE (bf16) | vs einsum eager (bf16) | peak GiB bf16 | bf16 fit first -> last "
+          "| bf16/fp32 loss gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['case']} | {r['batch']} | error: {r['error'][:80]} |")
+            print(f"| {r['case']} | {r['batch']} | {r['attention']} | {r['compiled']} | error: {r['error'][:80]} |")
             continue
-        base = next((b for b in results if b["case"] == "mae" and b["batch"] == r["batch"] and "error" not in b), None)
+        base = same(r, case="mae")
         vs = r["bf16"]["step_ms"] / base["bf16"]["step_ms"] if base else float("nan")
+        plain = same(r, attention="einsum", compiled=False)
+        vs_plain = plain["bf16"]["step_ms"] / r["bf16"]["step_ms"] if plain else float("nan")  # > 1: faster
         fit = (f"{r['bf16_fit']['first']:.4f} -> {r['bf16_fit']['last']:.4f} | {r['bf16_vs_fp32_loss_rel']:.1e}"
                if "bf16_fit" in r else "- | -")
-        print(f"| {r['case']} | {r['batch']} | {r['gflop_per_step']:.0f} | {r['fp32']['step_ms']:.1f} "
-              f"| {r['bf16']['step_ms']:.1f} | {r['speedup_bf16_vs_fp32']:.2f}x | {r['bf16']['samples_per_s']:.1f} "
-              f"| {r['bf16']['tflops']:.0f} ({100 * r['bf16']['mfu_vs_bf16_matmul']:.1f} %) | {vs:.2f}x "
+        print(f"| {r['case']} | {r['batch']} | {r['attention']} | {r['compiled']} | {r['gflop_per_step']:.0f} "
+              f"| {r['fp32']['step_ms']:.1f} | {r['bf16']['step_ms']:.1f} | {r['speedup_bf16_vs_fp32']:.2f}x "
+              f"| {r['bf16']['samples_per_s']:.1f} | {r['bf16']['tflops']:.0f} "
+              f"({100 * r['bf16']['mfu_vs_bf16_matmul']:.1f} %) | {vs:.2f}x | {vs_plain:.2f}x speed-up "
               f"| {r['bf16']['peak_mem_gib']:.1f} | {fit} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -33,7 +33,6 @@ preempted one and a step gets 5-10x slower and erratic.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.config import ModelConfig, RaymimConfig, method_config, method_configs, method_fields
 from raymim.masking.selection import kmeans, lesion_scores, mps_masking, standardize
 from raymim.methods import build_method
 
@@ -66,7 +65,7 @@ SHAPES = {
                   decoder_hidden_size=384, decoder_layers=4, decoder_heads=12),
 }
 
-# name -> (method registry key, MethodConfig overrides, batch has reports, steps per timed call)
+# name -> (method registry key, fields of the method's config, batch has reports, steps per timed call)
 VARIANTS: dict[str, tuple[str, dict, bool, int]] = {
     "mps-embed": ("mps_ams", dict(mps_mode="online", mps_features="embed"), False, 1),
     "mps-tokens": ("mps_ams", dict(mps_mode="online", mps_features="tokens"), False, 1),
@@ -85,17 +84,17 @@ def _batch(img: torch.Tensor, with_report: bool) -> dict:
 
 
 def available(variant: str) -> bool:
-    """False when the variant sets a MethodConfig field that this version of the package lacks."""
-    names = {f.name for f in dataclasses.fields(MethodConfig)}
-    return all(k in names for k in VARIANTS[variant][1])
+    """False when the variant sets a field that this version of the method's config lacks."""
+    name, fields = VARIANTS[variant][:2]
+    return name in method_configs() and set(fields) <= method_fields(method_configs()[name])
 
 
 def make_config(shape: str, name: str, **method_kw) -> RaymimConfig:
-    kw = dict(name=name, mask_ratio=MASK_RATIO)
+    kw: dict = dict(mask_ratio=MASK_RATIO)
     if name == "mps_ams":
         kw.update(levels=1, mask_schedule="constant")
     kw.update(method_kw)
-    return RaymimConfig(model=ModelConfig(backbone="vit", **SHAPES[shape]), method=MethodConfig(**kw))
+    return RaymimConfig(model=ModelConfig(backbone="vit", **SHAPES[shape]), method=method_config(name, **kw))
 
 
 def make_image(size: int, kind: str) -> torch.Tensor:
@@ -296,7 +295,7 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     skipped = [v for v in variants if not available(v)]
     if skipped:
-        print(json.dumps({"skipped (MethodConfig lacks a field)": skipped}), flush=True)
+        print(json.dumps({"skipped (the method config lacks a field)": skipped}), flush=True)
     variants = [v for v in variants if v not in skipped]
     for shape in [s for s in args.shapes.split(",") if s]:
         reps = args.reps_base if shape == "vit-b" else args.reps_tiny

@@ -24,7 +24,7 @@ import torch
 from bench_method_overhead import time_pair as interleaved_times  # bench/ is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.config import ModelConfig, RaymimConfig, method_config
 from raymim.masking import random_masking
 from raymim.methods import build_method
 from raymim.models import ViTEncoder
@@ -63,7 +63,8 @@ def encoder_step_times(shape: str, reps: int, img: int = 96, batch: int = 2) -> 
 def paper_config(name: str, backbone: str = "vit") -> RaymimConfig:
     model = ModelConfig(backbone=backbone, img_size=96, patch_size=16, **SHAPES["vit-base"])
     ratio = {"mae": 0.75, "simmim": 0.6, "mim": 0.6}[name]
-    method = MethodConfig(name=name, mask_ratio=ratio, levels=3, level_sizes=[384, 96, 16], gamma=4)
+    levels = {"levels": 3, "level_sizes": [384, 96, 16], "gamma": 4} if name in ("mim", "mps_ams") else {}
+    method = method_config(name, mask_ratio=ratio, **levels)
     return RaymimConfig(model=model, method=method)
 
 

@@ -1,11 +1,12 @@
-"""Operator and host-read counts of one MAE and one MiM training step, from torch.profiler on the CPU.
+"""Operator and host-read counts of one training step per method, from torch.profiler on the CPU.
 
 One step is what ``raymim.train.loop.train_loop_per_worker`` does per optimiser step: forward,
 backward, gradient clipping, AdamW step, and the per-step metric bookkeeping of the loop (the
 loop of this tree: metric tensors summed on the device by ``MetricWindow``; a tree whose methods
 return Python floats gets the old per-step ``float(loss)`` / ``float(grad_norm)`` bookkeeping).
-The script only uses the package's public API (``build_method``, the configs), so the same file
-measures an older tree put first on ``PYTHONPATH``.
+The script only uses the package's public API (``build_method``, ``config_from_dict``), so the
+same file measures an older tree put first on ``PYTHONPATH``. Methods (``--methods``): MAE, SimMIM,
+MiM (3 levels), MPS-AMS (online, 1 level), HSSL; tiny ViT (hidden 96, 2 layers, patch 8).
 
 Counted per step (mean over ``--steps`` profiled steps, after one warm-up step):
 
@@ -31,8 +32,8 @@ test_step_reads_nothing_back_from_the_accelerator`` checks (on the ``meta`` devi
 Run (from the repository root; ``--out`` writes the JSON lines too)::
 
     .venv/bin/python bench/bench_step_syncs.py --threads 1
-    # the tree before the change, for comparison:
-    rm -rf /tmp/before && mkdir /tmp/before && git archive ad2cb38 raymim | tar -x -C /tmp/before
+    # the tree before the change (here: the last commit), for comparison:
+    rm -rf /tmp/before && mkdir /tmp/before && git archive HEAD raymim | tar -x -C /tmp/before
     PYTHONPATH=/tmp/before .venv/bin/python bench/bench_step_syncs.py --threads 1
 """
 
@@ -49,7 +50,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import raymim
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.config import RaymimConfig, config_from_dict
 from raymim.methods import build_method
 
 DATA_DEPENDENT = ("aten::nonzero", "aten::masked_select", "aten::bincount", "aten::unique", "aten::_unique",
@@ -57,11 +58,23 @@ DATA_DEPENDENT = ("aten::nonzero", "aten::masked_select", "aten::bincount", "ate
                   "aten::repeat_interleave", "aten::argwhere")
 
 
-def config(name: str, img: int, batch_levels: int) -> RaymimConfig:
-    model = ModelConfig(img_size=img, patch_size=8, hidden_size=96, mlp_dim=192, num_layers=2, num_heads=4,
-                        decoder_hidden_size=96, decoder_layers=1, decoder_heads=4)
-    method = MethodConfig(name=name, mask_ratio=0.6, levels=batch_levels, level_sizes=[384, 96, 16], gamma=4)
-    return RaymimConfig(model=model, method=method)
+# Each method's own fields only (a tree with per-method config sections refuses the others), given
+# as a dict: ``config_from_dict`` reads both the flat and the per-method config layouts.
+METHODS: dict[str, dict[str, Any]] = {
+    "mae": {"mask_ratio": 0.6},
+    "simmim": {"mask_ratio": 0.6},
+    "mim": {"mask_ratio": 0.6, "levels": 3, "level_sizes": [384, 96, 16], "gamma": 4},
+    "mps_ams": {"mask_ratio": 0.75, "mps_mode": "online", "levels": 1},
+    "hssl": {"mask_ratio": 0.75},
+}
+TINY_VIT = dict(patch_size=8, hidden_size=96, mlp_dim=192, num_layers=2, num_heads=4, decoder_hidden_size=96,
+                decoder_layers=1, decoder_heads=4)
+
+
+def config(name: str, img: int, **model: Any) -> RaymimConfig:
+    """The tiny ViT at ``img``^3 with method ``name``'s settings; ``model``: more ``model.*`` fields."""
+    return config_from_dict({"model": {"img_size": img, **TINY_VIT, **model},
+                             "method": {"name": name, **METHODS[name]}})
 
 
 def metric_window(device: torch.device) -> Any | None:
@@ -109,9 +122,9 @@ def phase_of(event: Any) -> str:
     return "other"
 
 
-def measure(name: str, img: int, batch_size: int, levels: int, steps: int) -> dict[str, Any]:
+def measure(name: str, img: int, batch_size: int, steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    method = build_method(name, config(name, img, levels))
+    method = build_method(name, config(name, img))
     opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
     batch = {"image": torch.rand(batch_size, 1, img, img, img)}
     window = metric_window(torch.device("cpu"))
@@ -127,7 +140,7 @@ def measure(name: str, img: int, batch_size: int, levels: int, steps: int) -> di
             step()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    row: dict[str, Any] = {"method": name, "levels": levels, "img": img, "batch": batch_size,
+    row: dict[str, Any] = {"method": name, "img": img, "batch": batch_size,
                            "tree": raymim.__file__, "metrics_are_tensors": window is not None,
                            "ms": round(statistics.median(times), 1)}
     for phase in (*PHASES, "total"):
@@ -148,11 +161,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--img", type=int, default=48)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = parser.parse_args()
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods should be among {','.join(METHODS)}, got {','.join(unknown)}")
     torch.set_num_threads(args.threads)
-    rows = [measure("mae", args.img, args.batch, 1, args.steps), measure("mim", args.img, args.batch, 3, args.steps)]
-    for row in rows:
+    for name in args.methods.split(","):
+        row = measure(name, args.img, args.batch, args.steps)
         line = json.dumps(row)
         print(line)
         if args.out:

@@ -10,13 +10,19 @@ Example::
     cfg = load_config("jobs/configs/mim-tiny.yaml", ["method.mask_ratio=0.6", "train.steps=20"])
     cfg.method.mask_ratio  # 0.6
     flatten(cfg)["method.mask_ratio"]  # 0.6
+
+The ``method`` section is the chosen method's own dataclass (a :class:`MethodConfig` subclass
+declared and registered beside the method, e.g. :class:`raymim.methods.mim.MiMConfig`): it holds
+``name`` and that method's fields only, and a field of another method is an error that says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +36,7 @@ import yaml
 # --------------------------------------------------------------------------------------------
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open=True, hi_open=True) -> None:
+def check_range(name: str, value: float, lo: float, hi: float, *, lo_open=True, hi_open=True) -> None:
     ok_lo = value > lo if lo_open else value >= lo
     ok_hi = value < hi if hi_open else value <= hi
     if not (ok_lo and ok_hi):
@@ -39,13 +45,13 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open=True,
         raise ValueError(f"{name} should be in the range {lb}{lo}, {hi}{rb}, got {value}.")
 
 
-def _check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} should be one of {choices}, got {value!r}.")
 
 
-def _check_positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float) -> None:
     if value is None or value <= 0:
         raise ValueError(f"{name} should be > 0, got {value}.")
 
@@ -92,6 +98,9 @@ class PrepareConfig:
     # task preparing it asks Ray for that much. A case needing more than this or than the largest
     # Ray node's memory resource is rejected (and examined again by a rerun). null: the node's.
     max_case_memory_gb: float | None = None
+    # Seconds one case may take to read and preprocess; a case running longer (a hung decoder) is
+    # rejected "timed out" (examined again by a rerun) and the job goes on. 0: no limit.
+    case_timeout_s: float = 600.0
     seed: int = 0  # the MPS prior fit's sampling / clustering seed (crops use train.seed)
     # MPS prior mode (raymim.data.patch_stats): store a per-patch ``lesion_prob`` grid per volume
     # (aligned with it: patch (i, j, k) covers voxels [p i, p i + p) ...; crops are cut on multiples of
@@ -113,34 +122,36 @@ class PrepareConfig:
         if self.spacing is not None:
             if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
                 raise ValueError(f"prepare.spacing should be three positive numbers or null, got {self.spacing}.")
-        _check_choice("prepare.modality", self.modality, ("auto", "ct", "mr"))
+        check_choice("prepare.modality", self.modality, ("auto", "ct", "mr"))
         if len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]:
             raise ValueError(f"prepare.ct_window should be [low, high] with low < high, got {self.ct_window}.")
         if len(self.crop_size) != 3 or any(int(s) < 8 for s in self.crop_size):
             raise ValueError(f"prepare.crop_size should be three sizes >= 8, got {self.crop_size}.")
-        _check_positive("prepare.crops_per_volume", self.crops_per_volume)
+        check_positive("prepare.crops_per_volume", self.crops_per_volume)
         if self.crop_pos_fraction is not None:
-            _check_range("prepare.crop_pos_fraction", self.crop_pos_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
-        _check_range("prepare.min_foreground", self.min_foreground, 0.0, 1.0, lo_open=False, hi_open=False)
-        _check_choice("prepare.dtype", self.dtype, ("float16", "float32", "uint8"))
-        _check_positive("prepare.shard_mb", self.shard_mb)
-        _check_range("prepare.max_rejected", self.max_rejected, 0.0, 1.0, lo_open=False, hi_open=False)
-        _check_positive("prepare.max_voxels", self.max_voxels)
+            check_range("prepare.crop_pos_fraction", self.crop_pos_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
+        check_range("prepare.min_foreground", self.min_foreground, 0.0, 1.0, lo_open=False, hi_open=False)
+        check_choice("prepare.dtype", self.dtype, ("float16", "float32", "uint8"))
+        check_positive("prepare.shard_mb", self.shard_mb)
+        check_range("prepare.max_rejected", self.max_rejected, 0.0, 1.0, lo_open=False, hi_open=False)
+        check_positive("prepare.max_voxels", self.max_voxels)
         if self.max_case_memory_gb is not None:
-            _check_positive("prepare.max_case_memory_gb", self.max_case_memory_gb)
-        _check_positive("prepare.prior_patch", self.prior_patch)
+            check_positive("prepare.max_case_memory_gb", self.max_case_memory_gb)
+        if not self.case_timeout_s >= 0:
+            raise ValueError(f"prepare.case_timeout_s should be >= 0 (0: no limit), got {self.case_timeout_s}.")
+        check_positive("prepare.prior_patch", self.prior_patch)
         if self.lesion_prior and any(int(s) % int(self.prior_patch) for s in self.crop_size):
             raise ValueError(f"prepare.prior_patch should divide prepare.crop_size={list(self.crop_size)}, "
                              f"got {self.prior_patch}.")
-        _check_choice("prepare.prior_scope", self.prior_scope, ("population", "volume"))
+        check_choice("prepare.prior_scope", self.prior_scope, ("population", "volume"))
         if self.prior_clusters is None:
             self.prior_clusters = 32 if self.prior_scope == "population" else 4
         if self.prior_clusters < 2:
             raise ValueError(f"prepare.prior_clusters should be >= 2, got {self.prior_clusters}.")
-        _check_choice("prepare.prior_algorithm", self.prior_algorithm, ("kmeans", "agglomerative", "dbscan"))
-        _check_positive("prepare.prior_eps", self.prior_eps)
-        _check_positive("prepare.prior_fit_cases", self.prior_fit_cases)
-        _check_range("prepare.prior_quantile", self.prior_quantile, 0.0, 1.0)
+        check_choice("prepare.prior_algorithm", self.prior_algorithm, ("kmeans", "agglomerative", "dbscan"))
+        check_positive("prepare.prior_eps", self.prior_eps)
+        check_positive("prepare.prior_fit_cases", self.prior_fit_cases)
+        check_range("prepare.prior_quantile", self.prior_quantile, 0.0, 1.0)
 
 
 @dataclass
@@ -165,13 +176,19 @@ class ModelConfig:
     swin_window_size: int = 7
     swin_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     swin_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-    # Hybrid ConvViT: channels of the convolution stages before the transformer
+    # Hybrid ConvViT: channels of the convolution stages before the transformer, and the masked
+    # convolution blocks per stage (ConvMAE / the MiM reference: 2)
     conv_channels: list[int] = field(default_factory=lambda: [32, 64])
+    # Attention of the ViT / ConvViT blocks and the MAE decoder through torch's fused
+    # scaled_dot_product_attention (MONAI's `use_flash_attention`); same weights and keys. Only
+    # where the block's dropout is 0 (MONAI's fused path would drop attention weights in eval too).
+    fused_attention: bool = True
+    conv_depth: int = 2
 
     def __post_init__(self) -> None:
-        _check_choice("model.backbone", self.backbone, ("vit", "swin", "convvit"))
-        _check_positive("model.img_size", self.img_size)
-        _check_positive("model.patch_size", self.patch_size)
+        check_choice("model.backbone", self.backbone, ("vit", "swin", "convvit"))
+        check_positive("model.img_size", self.img_size)
+        check_positive("model.patch_size", self.patch_size)
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"model.img_size should be a multiple of model.patch_size={self.patch_size}, got {self.img_size}."
@@ -180,7 +197,7 @@ class ModelConfig:
             raise ValueError(
                 f"model.hidden_size should be divisible by model.num_heads={self.num_heads}, got {self.hidden_size}."
             )
-        _check_range("model.dropout", self.dropout, 0.0, 1.0, lo_open=False)
+        check_range("model.dropout", self.dropout, 0.0, 1.0, lo_open=False)
         # The MAE decoder uses a fixed 3D sin-cos position embedding (MONAI's), which splits the
         # width into 6 sin/cos parts, and multi-head attention.
         if self.decoder_hidden_size % 6 or self.decoder_hidden_size % self.decoder_heads:
@@ -188,6 +205,8 @@ class ModelConfig:
                 "model.decoder_hidden_size should be divisible by 6 and by "
                 f"model.decoder_heads={self.decoder_heads}, got {self.decoder_hidden_size}."
             )
+        if self.conv_depth < 0:
+            raise ValueError(f"model.conv_depth should be >= 0, got {self.conv_depth}.")
         if self.backbone == "convvit" and self.patch_size % 2 ** len(self.conv_channels):
             raise ValueError(
                 f"model.patch_size should be divisible by 2**len(model.conv_channels)="
@@ -202,176 +221,147 @@ class ModelConfig:
             raise ValueError(f"model.swin_feature_size should be divisible by 12, got {self.swin_feature_size}.")
 
 
+DEFAULT_METHOD = "mae"
+
+
 @dataclass
 class MethodConfig:
-    """Which pretraining method, and its hyperparameters. ``name`` is a registry key."""
+    """Base of every method's own config section (``method``).
 
-    name: str = "mae"
-    # MAE and SimMIM papers: 0.75 (MAE) / 0.6 (SimMIM); MiM paper: 0.6.
-    mask_ratio: float = 0.75
-    # Normalise each target patch by its own mean / std (MAE's norm_pix_loss).
-    norm_pix_loss: bool = False
-    # Reconstruction loss: "auto" picks each paper's choice (MAE / MiM: mse, SimMIM: l1).
-    recon_loss: str = "auto"
-    # SimMIM-style block masking: side of a masked block, in tokens (1 = token-wise random).
-    mask_block: int = 1
-    # MiM (Mask in Mask)
-    levels: int = 3
-    # Crop side of each level in voxels of the stored grid (scaled down only when the train-time
-    # crop is smaller than level 1); level 1 is the large crop, each further level a sub-volume of a
-    # masked cube of the level above.
-    # Defaults: the MiM reference code's 192 -> 96 -> 16 voxels at the stored spacing, with a
-    # prepare.crop_size of 192^3 (the paper's 384 x 384 x 192 level 1 exceeds most resampled CTs).
-    level_sizes: list[int] = field(default_factory=lambda: [192, 96, 16])
-    # MiM: range of the level-1 box's *volume* as a fraction of level_sizes[0]^3, drawn uniformly
-    # per training step (RandomResizedCrop-style; the box, resized to the network input, and every
-    # deeper level scale together, so level_sizes are the sizes at scale 1). The MiM reference
-    # crops a fixed 192^3 (none); 0.2 is the minimum of its (unused) crop_scale_min option and of
-    # MAE's RandomResizedCrop. [1.0, 1.0] turns it off. Not drawn at levels=1 (MiM = MAE there).
-    level1_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    # MiM: level-(l+1) volumes drawn from the masked cubes of level l, per sample (paper: 4).
-    gamma: int = 4
-    # MiM: weight of the cross-level alignment loss, L = L_R + alpha * L_C (paper Eq. 10: 0.1).
-    alpha: float = 0.1
-    # MiM: InfoNCE temperature of the cross-level alignment (Eq. 7).
-    tau: float = 0.2
-    # Output width of the projection heads used by the contrastive / alignment losses.
-    proj_dim: int = 128
-    # AMS (adaptive masking strategy, raymim.masking.schedules): ratio over training progress.
-    # "constant" uses mask_ratio; the others go from mask_ratio_start to mask_ratio_end (None:
-    # mask_ratio), holding the start ratio for the first mask_warmup fraction of training. Default:
-    # the paper's growing ratio, linear from 0.5 to mask_ratio (only mps_ams reads these fields).
-    mask_schedule: str = "linear"
-    mask_ratio_start: float | None = 0.5
-    mask_ratio_end: float | None = None
-    mask_warmup: float = 0.0
-    mask_stages: int = 4  # number of plateaus of the "step" schedule
-    # MPS (masked patch selection, raymim.masking.selection). "online": clustering of the
-    # patch-to-patch similarity matrix of the current encoder's patch features, per volume;
-    # "prior": the shards' lesion_prob column; "none": AMS only.
-    mps_mode: str = "online"
-    mps_clusters: int = 4
-    # online clustering of the similarity matrix: "kmeans" (torch, on the training device) or
-    # scikit-learn's "agglomerative" / "spectral" (on the host: one synchronisation per step)
-    mps_algorithm: str = "kmeans"
-    mps_iters: int = 10  # k-means iterations
-    mps_features: str = "embed"  # online descriptors: "embed" (patch embedding) or "tokens" (encoder)
-    mps_share: float = 1.0  # at most this share of the masked tokens comes from the lesion cluster
-    mps_threshold: float = 0.5  # prior mode: lesion_prob >= threshold marks a lesion-cluster patch
-    # MedIM (report-guided masking; reads the shards' lesion_prob, prepare.lesion_prior): "kdm"
-    # keyword attention or "sdm" one sentence's attention.
-    medim_mode: str = "kdm"
-    medim_low_share: float = 0.1  # share of masked tokens drawn from low-attention patches
-    medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
-    medim_align_weight: float = 1.0  # weight of the alignment losses (finding + report-image)
-    text_dim: int = 96
-    text_layers: int = 1
-    text_max_len: int = 64
-    text_buckets: int = 4096  # hashed word-piece vocabulary of the built-in tokenizer
-    # HSSL: NT-Xent on two views + domain classification (+ masked reconstruction when rec_weight > 0).
-    # SimCLR reads only tau and proj_dim (NT-Xent on two augmented crops).
-    domains: list[str] | None = None  # domain vocabulary; None: built from the data as seen
-    max_domains: int = 16  # domain-head width when `domains` is None
-    contrast_weight: float = 1.0
-    domain_weight: float = 1.0
-    rec_weight: float = 0.0
+    Each method declares a dataclass of exactly the fields it reads, beside its code, and registers
+    both together: ``@register_method("mim", config=MiMConfig)``
+    (:func:`raymim.methods.base.register_method`). The YAML ``method`` section holds ``name`` plus
+    the chosen method's fields; the loader builds it from the class registered for ``name``
+    (:func:`method_config`), so a field of another method is an error, not a silently ignored
+    value. ``name`` is not an argument: it is the name the class is registered under.
+
+    Subclasses validate their fields in ``__post_init__`` (calling ``super().__post_init__()``
+    first) and name the bad value in the error (``method.alpha should be >= 0, got -1``).
+    """
+
+    name: str = field(default="", init=False)
+    # The registry key, set on the class by register_method (not a field).
+    method_name: typing.ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        _check_range("method.mask_ratio", self.mask_ratio, 0.0, 1.0)
-        _check_choice("method.mask_schedule", self.mask_schedule, ("constant", "linear", "cosine", "step"))
-        for name in ("mask_ratio_start", "mask_ratio_end"):
-            if getattr(self, name) is not None:
-                _check_range(f"method.{name}", getattr(self, name), 0.0, 1.0)
-        _check_range("method.mask_warmup", self.mask_warmup, 0.0, 1.0, lo_open=False)
-        if self.mask_stages < 2:
-            raise ValueError(f"method.mask_stages should be >= 2, got {self.mask_stages}.")
-        _check_choice("method.mps_mode", self.mps_mode, ("online", "prior", "none"))
-        if self.mps_clusters < 2:
-            raise ValueError(f"method.mps_clusters should be >= 2, got {self.mps_clusters}.")
-        _check_choice("method.mps_algorithm", self.mps_algorithm, ("kmeans", "agglomerative", "spectral"))
-        _check_positive("method.mps_iters", self.mps_iters)
-        _check_choice("method.mps_features", self.mps_features, ("embed", "tokens"))
-        _check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
-        _check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
-        _check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
-        _check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
-        for name in ("text_dim", "text_layers", "text_max_len", "text_buckets", "max_domains"):
-            _check_positive(f"method.{name}", getattr(self, name))
-        for name in ("medim_align_weight", "contrast_weight", "domain_weight", "rec_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"method.{name} should be >= 0, got {getattr(self, name)}.")
-        if self.domains is not None and len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"method.domains should hold distinct names, got {self.domains}.")
-        _check_choice("method.recon_loss", self.recon_loss, ("auto", "mse", "l1"))
-        _check_positive("method.proj_dim", self.proj_dim)
-        _check_positive("method.mask_block", self.mask_block)
-        if not 1 <= self.levels <= 4:
-            raise ValueError(f"method.levels should be in the range [1, 4], got {self.levels}.")
-        if len(self.level_sizes) < self.levels or any(s <= 0 for s in self.level_sizes):
-            raise ValueError(
-                f"method.level_sizes should hold method.levels={self.levels} positive sizes, got {self.level_sizes}."
-            )
-        if any(b > a for a, b in zip(self.level_sizes, self.level_sizes[1:])):
-            raise ValueError(f"method.level_sizes should not increase from level to level, got {self.level_sizes}.")
-        if len(self.level1_scale) != 2 or not 0.0 < self.level1_scale[0] <= self.level1_scale[1] <= 1.0:
-            raise ValueError(f"method.level1_scale should be [lo, hi] with 0 < lo <= hi <= 1, got {self.level1_scale}.")
-        _check_positive("method.gamma", self.gamma)
-        if self.alpha < 0:
-            raise ValueError(f"method.alpha should be >= 0, got {self.alpha}.")
-        _check_positive("method.tau", self.tau)
+        registered = vars(type(self)).get("method_name")
+        if registered is None:
+            raise TypeError(f"{type(self).__name__} is not a registered method config; register it with "
+                            f"@register_method(name, config={type(self).__name__}).")
+        self.name = registered
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # `cfg.method.levels = 2` on a MAE config would otherwise add an attribute nothing reads.
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise AttributeError(f"method.{key} is not a field of method {self.name!r}.")
+        super().__setattr__(key, value)
+
+    def inert_fields(self) -> set[str]:
+        """Fields that cannot change what this method trains given its other fields (an end ratio
+        under a constant schedule, MiM's alignment fields at one level, ...). Two Tune grid points
+        that differ only in these are the same experiment (``raymim.tune.driver`` runs one)."""
+        return set()
+
+    def effective(self) -> dict[str, Any]:
+        """This section as a dict without its :meth:`inert_fields`: what identifies the experiment."""
+        inert = self.inert_fields()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in inert}
 
 
-_RECON = {"mask_ratio", "norm_pix_loss", "recon_loss", "mask_block"}
-_LEVELS = {"levels", "level_sizes", "gamma", "alpha", "tau", "proj_dim"}
-_SCHEDULE = {"mask_schedule", "mask_ratio_start", "mask_ratio_end", "mask_warmup", "mask_stages"}
-_MPS = {"mps_mode", "mps_clusters", "mps_algorithm", "mps_iters", "mps_features", "mps_share", "mps_threshold"}
-_CONTRAST = {"mask_ratio", "norm_pix_loss", "recon_loss", "proj_dim", "tau", "contrast_weight", "rec_weight"}
-# method.name -> the MethodConfig fields that method reads (the rest are ignored by it).
-METHOD_FIELDS: dict[str, set[str]] = {
-    "mae": _RECON,
-    "simmim": _RECON,
-    "mim": _RECON | _LEVELS | {"level1_scale"},
-    "mps_ams": _RECON | _LEVELS | _SCHEDULE | _MPS,
-    "medim": _RECON | {"proj_dim", "tau"} | {f.name for f in dataclasses.fields(MethodConfig)
-                                             if f.name.startswith(("medim_", "text_"))},
-    "hssl": _CONTRAST | {"domains", "max_domains", "domain_weight"},
-    "simclr": {"proj_dim", "tau"},
-}
+def method_configs() -> dict[str, type[MethodConfig]]:
+    """``{method name: its config class}`` for every registered method.
+
+    Imports :mod:`raymim.methods` on first use (which registers the methods): the methods import
+    this module, so the registry is resolved when a config is built, not when this module loads.
+    """
+    import raymim.methods  # noqa: F401  (registers every method and its config)
+    from raymim.methods.base import registered_configs
+
+    return registered_configs()
 
 
-def ignored_method_fields(mc: MethodConfig) -> set[str]:
-    """MethodConfig fields that cannot change what ``mc.name`` trains, given the other fields:
-    fields the method does not read, the schedule's fields under a constant schedule, the MPS
-    fields a selection mode does not use, MiM's alignment fields at one level... Two Tune trials
-    that differ only in these are the same experiment (``raymim.tune.driver`` collapses them)."""
-    every = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
-    used = set(METHOD_FIELDS.get(mc.name, every))
-    if mc.name in ("mim", "mps_ams") and mc.levels == 1:
-        used -= {"gamma", "alpha", "tau", "proj_dim", "level1_scale"}
-    if "mask_schedule" in used:
-        if mc.mask_schedule == "constant":
-            used -= _SCHEDULE - {"mask_schedule"}
-        else:
-            if mc.mask_schedule != "step":
-                used.discard("mask_stages")
-            if mc.mask_ratio_start is not None and mc.mask_ratio_end is not None:
-                used.discard("mask_ratio")
-    if "mps_mode" in used:
-        used -= {"none": _MPS - {"mps_mode"}, "prior": {"mps_clusters", "mps_algorithm", "mps_iters", "mps_features"},
-                 "online": {"mps_threshold"}}[mc.mps_mode]
-    if "mps_algorithm" in used and mc.mps_algorithm != "kmeans":
-        used.discard("mps_iters")
-    if mc.name == "hssl" and mc.rec_weight == 0:  # no reconstruction: the views are not masked
-        used -= {"mask_ratio", "norm_pix_loss", "recon_loss"}
-    return every - used
+def method_config(name: str = DEFAULT_METHOD, **fields: Any) -> MethodConfig:
+    """The ``method`` section of method ``name`` with ``fields`` set, checked like a YAML section:
+    ``method_config("mim", levels=2, level_sizes=[32, 16])``."""
+    return _build_method({"name": name, **fields}, "method")
 
 
-def effective_method(mc: MethodConfig) -> dict[str, Any]:
-    """``mc`` as a dict without its ignored fields (``level_sizes`` cut to ``levels``)."""
-    out = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ignored_method_fields(mc)}
-    if "level_sizes" in out:
-        out["level_sizes"] = list(out["level_sizes"])[: mc.levels]
-    return out
+def _method_class(name: Any, prefix: str = "method") -> type[MethodConfig]:
+    classes = method_configs()
+    if not isinstance(name, str) or name not in classes:
+        close = difflib.get_close_matches(str(name), sorted(classes), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ConfigError(f"{prefix}.name should be one of {tuple(sorted(classes))}, got {name!r}{hint}")
+    return classes[name]
+
+
+def method_fields(cls: type[MethodConfig]) -> set[str]:
+    """The settable fields of a method config class (``name`` excluded)."""
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown_method_field(key: str, name: str, prefix: str) -> str:
+    """``method.gama is not a field of method 'mim'; did you mean method.gamma?``, or which other
+    methods own the field."""
+    classes = method_configs()
+    owners = sorted(n for n, c in classes.items() if n != name and key in method_fields(c))
+    msg = f"{prefix}.{key} is not a field of method {name!r}"
+    if owners:
+        which = ", ".join(repr(o) for o in owners)
+        return f"{msg}; it is a field of method{'s' if len(owners) > 1 else ''} {which} (set {prefix}.name to use it)"
+    known = sorted(method_fields(classes[name]))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"{msg}; did you mean {prefix}.{close[0]}?" if close else f"{msg}; its fields: {known}"
+
+
+def _build_method(data: Any, prefix: str = "method") -> MethodConfig:
+    """The ``method`` section from a mapping: the class registered for ``data["name"]`` (default
+    ``mae``), every other key one of its fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} should be a mapping, got {data!r}.")
+    name = data.get("name", DEFAULT_METHOD)
+    cls = _method_class(name, prefix)
+    unknown = sorted(set(data) - method_fields(cls) - {"name"})
+    if unknown:
+        msg = "; ".join(_unknown_method_field(k, name, prefix) for k in unknown)
+        raise ConfigError(msg if msg.endswith("?") else msg + ".")
+    hints = _field_types(cls)
+    kwargs = {k: _coerce(f"{prefix}.{k}", hints[k], v) for k, v in data.items() if k != "name"}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def config_from_saved(data: dict[str, Any] | None) -> RaymimConfig:
+    """A config written by a run (a checkpoint's ``config.yaml``). Runs from before the typed
+    per-method configs wrote every method's fields into ``method``; the fields the run's method
+    does not own are dropped (they never affected that run), so their encoders still load."""
+    data = dict(data or {})
+    section = data.get("method")
+    if isinstance(section, dict):
+        cls = _method_class(section.get("name", DEFAULT_METHOD))
+        owned = method_fields(cls) | {"name"}
+        data["method"] = {k: v for k, v in section.items() if k in owned}
+    return config_from_dict(data)
+
+
+def _switch_method(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """The method section ``upper`` over ``lower`` (a lower layer: a base YAML, or the file under
+    ``--set`` overrides). When ``upper`` names another method than ``lower``, the fields of
+    ``lower`` that the new method does not own are dropped (logged) instead of refused; the fields
+    set in ``upper`` itself must belong to it as usual."""
+    merged = {**lower, **upper}
+    new = merged.get("name", DEFAULT_METHOD)
+    if new == lower.get("name", DEFAULT_METHOD) or not isinstance(new, str) or new not in method_configs():
+        return merged
+    owned = method_fields(method_configs()[new]) | {"name"} | set(upper)
+    dropped = sorted(k for k in merged if k not in owned)
+    if dropped:
+        logging.getLogger(__name__).info(
+            "method.name=%s: dropped %s of method %r (not fields of %r).", new,
+            ", ".join(f"method.{k}" for k in dropped), lower.get("name", DEFAULT_METHOD), new)
+    return {k: v for k, v in merged.items() if k in owned}
 
 
 @dataclass
@@ -396,6 +386,9 @@ class TrainConfig:
     visual_every: int = 500  # reconstruction panel to MLflow every N steps (0: never)
     max_failures: int = 1
     seed: int = 0
+    # torch.compile the method's forward (and, through AOTAutograd, its backward) in the training
+    # loop; a compile that fails falls back to eager with one warning line.
+    compile: bool = False
     # Probe: held-out crops (whole cases kept out of training) on which every checkpoint report
     # measures a score that does not depend on the method's hyperparameters: the pixel-space
     # reconstruction MSE with a fixed random token mask at `probe_ratio` (NT-Xent at tau 0.2 on
@@ -407,12 +400,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.probe_crops < 0:
             raise ValueError(f"train.probe_crops should be >= 0, got {self.probe_crops}.")
-        _check_range("train.probe_ratio", self.probe_ratio, 0.0, 1.0)
+        check_range("train.probe_ratio", self.probe_ratio, 0.0, 1.0)
         for name in ("steps", "batch_size", "accumulation", "num_workers", "checkpoint_every", "log_every"):
-            _check_positive(f"train.{name}", getattr(self, name))
-        _check_positive("train.lr", self.lr)
-        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _check_positive("train.cpus_per_worker", self.cpus_per_worker)
+            check_positive(f"train.{name}", getattr(self, name))
+        check_positive("train.lr", self.lr)
+        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_positive("train.cpus_per_worker", self.cpus_per_worker)
 
 
 @dataclass
@@ -492,22 +485,22 @@ class FinetuneConfig:
         if not self.fractions:
             raise ValueError(f"finetune.fractions should list at least one fraction, got {self.fractions}.")
         for f in self.fractions:
-            _check_range("finetune.fractions", f, 0.0, 1.0, hi_open=False)
+            check_range("finetune.fractions", f, 0.0, 1.0, hi_open=False)
         for name in ("seeds", "steps_per_case", "min_steps", "max_steps", "batch_size", "feature_size",
                      "sw_batch_size", "num_workers", "quick_steps"):
-            _check_positive(f"finetune.{name}", getattr(self, name))
+            check_positive(f"finetune.{name}", getattr(self, name))
         for name in ("steps", "val_every"):
             if getattr(self, name) is not None:
-                _check_positive(f"finetune.{name}", getattr(self, name))
+                check_positive(f"finetune.{name}", getattr(self, name))
         if self.min_steps > self.max_steps:
             raise ValueError(f"finetune.min_steps should be <= finetune.max_steps, got {self.min_steps} > "
                              f"{self.max_steps}.")
-        _check_range("finetune.warmup_fraction", self.warmup_fraction, 0.0, 1.0, lo_open=False)
-        _check_range("finetune.pos_fraction", self.pos_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
-        _check_range("finetune.layer_decay", self.layer_decay, 0.0, 1.0, hi_open=False)
-        _check_choice("finetune.select", self.select, ("best_val", "last"))
-        _check_range("finetune.val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False)
-        _check_range("finetune.test_fraction", self.test_fraction, 0.0, 1.0)
+        check_range("finetune.warmup_fraction", self.warmup_fraction, 0.0, 1.0, lo_open=False)
+        check_range("finetune.pos_fraction", self.pos_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
+        check_range("finetune.layer_decay", self.layer_decay, 0.0, 1.0, hi_open=False)
+        check_choice("finetune.select", self.select, ("best_val", "last"))
+        check_range("finetune.val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False)
+        check_range("finetune.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
                 "finetune.val_fraction + finetune.test_fraction should be < 1, got "
@@ -519,14 +512,14 @@ class FinetuneConfig:
             raise ValueError(
                 f"finetune.class_names should name each of finetune.classes={self.classes}, got {self.class_names}."
             )
-        _check_positive("finetune.lr", self.lr)
+        check_positive("finetune.lr", self.lr)
         if self.roi_size is not None and (len(self.roi_size) != 3 or any(int(s) < 8 for s in self.roi_size)):
             raise ValueError(f"finetune.roi_size should be three sizes >= 8 or null, got {self.roi_size}.")
-        _check_choice("finetune.norm_name", self.norm_name, ("instance", "batch"))
-        _check_positive("finetune.nsd_tolerance_mm", self.nsd_tolerance_mm)
-        _check_range("finetune.sw_overlap", self.sw_overlap, 0.0, 1.0, lo_open=False)
-        _check_choice("finetune.engine", self.engine, ("ray", "local"))
-        _check_positive("finetune.cpus_per_worker", self.cpus_per_worker)
+        check_choice("finetune.norm_name", self.norm_name, ("instance", "batch"))
+        check_positive("finetune.nsd_tolerance_mm", self.nsd_tolerance_mm)
+        check_range("finetune.sw_overlap", self.sw_overlap, 0.0, 1.0, lo_open=False)
+        check_choice("finetune.engine", self.engine, ("ray", "local"))
+        check_positive("finetune.cpus_per_worker", self.cpus_per_worker)
         if self.overlays < 0:
             raise ValueError(f"finetune.overlays should be >= 0, got {self.overlays}.")
 
@@ -563,7 +556,7 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         if self.time_budget_s is not None:
-            _check_positive("tune.time_budget_s", self.time_budget_s)
+            check_positive("tune.time_budget_s", self.time_budget_s)
         kinds = ("grid", "choice", "uniform", "loguniform", "randint")
         for key, spec in self.space.items():
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:
@@ -573,15 +566,15 @@ class TuneConfig:
                 raise ValueError(f"tune.space.{key}.{kind} should be a non-empty list, got {values!r}.")
             if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
                 raise ValueError(f"tune.space.{key}.{kind} should be [low, high], got {values!r}.")
-        _check_positive("tune.num_samples", self.num_samples)
-        _check_choice("tune.algorithm", self.algorithm, ("random", "grid", "optuna"))
-        _check_choice("tune.scheduler", self.scheduler, ("asha", "none"))
-        _check_positive("tune.grace_period", self.grace_period)
+        check_positive("tune.num_samples", self.num_samples)
+        check_choice("tune.algorithm", self.algorithm, ("random", "grid", "optuna"))
+        check_choice("tune.scheduler", self.scheduler, ("asha", "none"))
+        check_positive("tune.grace_period", self.grace_period)
         if self.reduction_factor < 2:
             raise ValueError(f"tune.reduction_factor should be >= 2, got {self.reduction_factor}.")
-        _check_positive("tune.max_concurrent", self.max_concurrent)
-        _check_positive("tune.trial_cpus", self.trial_cpus)
-        _check_positive("tune.finetune_steps", self.finetune_steps)
+        check_positive("tune.max_concurrent", self.max_concurrent)
+        check_positive("tune.trial_cpus", self.trial_cpus)
+        check_positive("tune.finetune_steps", self.finetune_steps)
 
 
 @dataclass
@@ -591,7 +584,8 @@ class RaymimConfig:
     name: str = "raymim"
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # The chosen method's own config class (method_config): MAE's by default.
+    method: MethodConfig = field(default_factory=lambda: method_config())
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -624,6 +618,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, inner[0], value)
+    if _is_dataclass_type(tp) and issubclass(tp, MethodConfig):
+        return _build_method(value, path)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path} should be a mapping, got {value!r}.")
@@ -663,8 +659,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        import difflib
-
         where = prefix or "the top level"
         hints_ = []
         for key in unknown:
@@ -708,18 +702,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def set_values(tree: dict[str, Any], values: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the config tree ``tree`` with dotted-key ``values`` set (``--set`` overrides, a
+    Tune trial's params). A ``method.name`` among them that names another method than ``tree``
+    does keeps the tree's method fields the new method owns and drops the others (a ``--set
+    method.name=mim`` on a MAE file keeps its ``mask_ratio``); the ``method.*`` values set here
+    must all belong to the new method."""
+    out = json.loads(json.dumps(tree or {}))  # deep copy, plain types
+    lower = dict(out["method"]) if isinstance(out.get("method"), dict) else None
+    for key, value in values.items():
+        _set_path(out, key, value)
+    if lower is not None and isinstance(out.get("method"), dict) and "method" not in values:
+        here = {k.split(".")[1] for k in values if k.startswith("method.")}
+        out["method"] = _switch_method(lower, {k: out["method"][k] for k in here if k in out["method"]})
+    return out
+
+
 def config_from_dict(data: dict[str, Any] | None, overrides: typing.Sequence[str] = ()) -> RaymimConfig:
-    tree = json.loads(json.dumps(data or {}))  # deep copy, plain types
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
-    return _build(RaymimConfig, tree)
+    """The config of a plain tree (``to_dict`` output, parsed YAML) with ``--set`` strings applied."""
+    return _build(RaymimConfig, set_values(data or {}, dict(parse_override(t) for t in overrides)))
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RaymimConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides.
 
-    A config file may name a ``base:`` file (relative to itself) whose values it extends.
+    A config file may name a ``base:`` file (relative to itself) whose values it extends. A file
+    (or an override) that changes ``method.name`` keeps the lower layer's method fields that the
+    new method owns and drops the others; see :func:`set_values`.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -738,7 +747,11 @@ def _read_yaml_with_base(path: Path, depth: int = 0) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(_read_yaml_with_base((path.parent / base).resolve(), depth + 1), data)
+    lower = _read_yaml_with_base((path.parent / base).resolve(), depth + 1)
+    merged = _deep_merge(lower, data)
+    if isinstance(lower.get("method"), dict) and isinstance(data.get("method"), dict):
+        merged["method"] = _switch_method(lower["method"], data["method"])  # a file that changes method.name
+    return merged
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,9 @@ both import this module and never each other; it imports neither (``tests/test_l
     cross-attention; they take no part in the forward pass),
 
   and returns the keys it could not place, so callers can fail loudly on a missing key.
+- :func:`convvit_layout` / :func:`convvit_unetr_args` read a hybrid ConvViT encoder's shape from its
+  weights; it loads like a ViT (its transformer part has MONAI ``ViT``'s keys, and its position
+  embeddings are interpolated the same way, on the token grid of the overall ``model.patch_size``).
 - :func:`load_encoder` puts an encoder state into a segmentation network (raymim's or MONAI's own
   ``UNETR`` / ``SwinUNETR``) and raises :class:`EncoderKeyError` if any encoder key is missing.
 
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from raymim.config import ModelConfig, RaymimConfig, config_from_dict
+from raymim.config import ModelConfig, RaymimConfig, config_from_saved
 from raymim.train.checkpoint import CONFIG_FILE, ENCODER_FILE
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "model.")
@@ -261,6 +264,46 @@ def infer_swin_args(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, obje
     }
 
 
+def convvit_layout(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """What a hybrid ConvViT encoder state (:mod:`raymim.models.convvit` key layout, wrapper
+    prefixes allowed) holds: ``num_layers``, ``conv_channels`` (a list), ``conv_depth`` (blocks
+    per stage), ``hidden_size``, ``mlp_dim``, ``in_channels``. Raises :class:`EncoderKeyError`
+    on a state without conv stages."""
+    sd = normalize_vit_state(state)
+    widths = {}
+    for key, value in sd.items():
+        if m := re.fullmatch(r"conv_stages\.(\d+)\.embed\.proj\.weight", key):
+            widths[int(m.group(1))] = value
+    if not widths or sorted(widths) != list(range(len(widths))):
+        raise EncoderKeyError(f"not a ConvViT encoder state: no conv_stages.N.embed.proj.weight (keys start with "
+                              f"{sorted(sd)[:5]})")
+    depth = {int(m.group(1)) for k in sd if (m := re.match(r"conv_stages\.0\.blocks\.(\d+)\.", k))}
+    layout = vit_layout(sd)
+    return {"num_layers": layout["num_layers"], "conv_channels": [int(widths[i].shape[0]) for i in sorted(widths)],
+            "conv_depth": max(depth) + 1 if depth else 0, "hidden_size": layout["hidden_size"],
+            "mlp_dim": layout["mlp_dim"], "in_channels": int(widths[0].shape[1])}
+
+
+def convvit_unetr_args(model_cfg: ModelConfig, encoder_state: Mapping[str, torch.Tensor] | None,
+                       num_classes: int, roi_size: Sequence[int], feature_size: int = 16,
+                       norm_name: str = "instance") -> dict[str, object]:
+    """Constructor arguments of :class:`raymim.models.unetr.ConvViTUNETR` (what ``raymim finetune``
+    builds and a ConvViT MONAI bundle's ``network_def`` holds): the encoder's shape from its
+    weights when given (so a pretrained and a scratch network are the same architecture), else
+    from ``model_cfg``; plain values only (JSON-serialisable)."""
+    m = model_cfg
+    args: dict[str, object] = {"in_channels": m.in_channels, "out_channels": num_classes,
+                               "img_size": [int(s) for s in roi_size], "num_layers": m.num_layers,
+                               "feature_size": feature_size, "hidden_size": m.hidden_size, "mlp_dim": m.mlp_dim,
+                               "num_heads": m.num_heads, "norm_name": norm_name, "dropout_rate": m.dropout,
+                               "patch_size": m.patch_size, "conv_channels": list(m.conv_channels),
+                               "conv_depth": m.conv_depth}
+    if encoder_state is not None:
+        layout = convvit_layout(encoder_state)
+        args.update({k: v for k, v in layout.items() if v is not None})
+    return args
+
+
 def check_encoder_load(missing: Sequence[str], unexpected: Sequence[str], prefix: str) -> dict[str, list[str]]:
     """Split ``load_state_dict(strict=False)``'s report: encoder keys (``prefix``) must all load."""
     enc_missing = [k for k in missing if k.startswith(prefix)]
@@ -314,7 +357,7 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, torch.Tensor], RaymimCo
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} beside {enc_file}: cannot tell which backbone it is")
     state = torch.load(enc_file, map_location="cpu", weights_only=True)
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    cfg = config_from_saved(yaml.safe_load(cfg_file.read_text()))
     return state, cfg
 
 

@@ -46,10 +46,60 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="FILE", default=None,
                         help="operator report: every rejected / skipped input with its path and reason (not part "
                              "of the dataset; default <out>.operator-report.csv beside --out)")
+    parser.add_argument("--classes", metavar="MAP", default=None,
+                        help="label classes: 'liver=1,tumour=2' (ROI / segment name = label value 1..255), "
+                             "'liver,tumour' (values 1..K in that order) or a .json / .yaml file holding such a "
+                             "mapping or list. Selects and numbers the ROIs of RTSTRUCT / DICOM-SEG labels (a "
+                             "case missing one is rejected); names the values of label maps. Kept in manifest.json")
+    parser.add_argument("--domain", metavar="NAME", default=None,
+                        help="domain (site / scanner tag) of every case whose manifest gives none")
+    parser.add_argument("--domain-column", metavar="COLUMN", default=None,
+                        help="manifest column holding each case's domain (default: 'domain', else 'dataset')")
     parser.add_argument("--max-rejected", type=float, default=None,
                         help="fail (exit 1) when more than this fraction of cases is quarantined")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def parse_classes(text: str | None) -> dict[str, int] | None:
+    """``--classes``: ``"a=1,b=2"``, ``"a,b"`` (1..K) or a JSON / YAML file with a mapping or a list
+    -> ``{name: value}``. Raises :class:`ConfigError` (exit 2) for anything else."""
+    if text is None:
+        return None
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        import yaml
+
+        try:
+            spec = yaml.safe_load(path.read_text()) if path.suffix.lower() != ".json" else json.loads(path.read_text())
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--classes {text}: cannot be read ({type(exc).__name__}).") from None
+    else:
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise ConfigError(f"--classes {text!r}: an empty entry; expected 'name=value,...' or 'name,...'.")
+        if any("=" in p for p in parts):
+            if not all("=" in p for p in parts):
+                raise ConfigError(f"--classes {text!r}: give a value to every name or to none.")
+            spec = dict(tuple(x.strip() for x in p.split("=", 1)) for p in parts)
+        else:
+            spec = parts
+    if isinstance(spec, list):
+        spec = {str(n): i for i, n in enumerate(spec, start=1)}
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"--classes {text}: expected a mapping of names to label values or a list of names.")
+    out: dict[str, int] = {}
+    for name, value in spec.items():
+        try:
+            number = int(str(value))
+        except ValueError:
+            raise ConfigError(f"--classes: the value of {name!r} should be an integer 1..255, got {value!r}.") from None
+        if not str(name).strip() or not 0 < number < 256:
+            raise ConfigError(f"--classes: {name!r}={value!r}; names must be non-empty and values 1..255.")
+        out[str(name).strip()] = number
+    return out
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -61,12 +111,17 @@ def run_prepare(args: argparse.Namespace) -> int:
     check_input(args.input, "--input", scans=True)
     if args.max_rejected is not None and not 0.0 <= args.max_rejected <= 1.0:
         raise ConfigError(f"--max-rejected should be in the range [0, 1], got {args.max_rejected}.")
+    classes = parse_classes(args.classes)
+    for option, value in (("--domain", args.domain), ("--domain-column", args.domain_column)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{option} should not be empty.")
     from raymim.data.lock import PrepareLocked
 
     try:
         summary = prepare(args.input, args.out, cfg, overwrite=args.overwrite, keep_paths=args.keep_paths,
                           max_rejected=args.max_rejected, progress=not args.no_progress,
-                          deid_key_file=args.deid_key, report=args.report)
+                          deid_key_file=args.deid_key, report=args.report, classes=classes,
+                          domain=args.domain, domain_column=args.domain_column)
     except PrepareLocked as exc:  # another run writes --out: a usage error, nothing was touched
         print(f"raymim prepare: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ preprocessed, so it holds one decoded volume at a time whatever ``prepare.shard_
 memory stays flat with the number of volumes. Volumes never go through the object store: each
 task writes its own shards (temp name, then atomic rename) and returns only small status
 records. A batch whose worker dies (out of memory, a crash in a decoder, a lost node) is run
-again one case per task, so the case that brought it down is rejected alone. No crop is cut
+again one case per task, so the case that brought it down is rejected alone; a case that runs
+longer than ``prepare.case_timeout_s`` (a hung decoder) is rejected "timed out", its worker killed,
+and the rest of its batch run again (:func:`_run_batches`). No crop is cut
 here: training draws fresh crops from the stored volumes every pass (:mod:`raymim.data.crops`,
 :mod:`raymim.data.stream`).
 
@@ -23,10 +25,18 @@ a crashed run's lock is taken over (:mod:`raymim.data.lock`).
 Resume: a case is finished once a committed shard (or volume-less status record) names its
 case id (keyed hash of its content) under the same config hash; a rerun skips it. Rejections
 caused by the machine, not the file (``"retry"`` in the record: unreadable input, out of memory,
-too large for every node, a dead worker) are examined again by every rerun, and so is a case
-whose file changed (a new content, a new case id) or appeared (a manifest row whose file was
-missing). The manifest and quarantine list only rejections of cases in this run's input, each
-case by its latest record. ``--overwrite`` deletes previous shards, status records and reports first.
+too large for every node, a dead worker, a timeout) are examined again by every rerun, and so is
+a case whose file changed (a new content, a new case id) or appeared (a manifest row whose file
+was missing). A changed input *replaces* its old volume: every record carries ``input_id`` (keyed
+hash of where the input was found), and once the new content is committed the volume of the old
+one is removed from its shard and from the commit records (:func:`_replace_changed`), so readers,
+manifest.json and a later resume see one version only. The manifest, quarantine.csv and the
+operator report list only rejections of cases in this run's input, each case by its latest
+record. ``--overwrite`` deletes previous shards, status records and reports first.
+
+Deviation: rewriting a shard to drop a stale volume moves the row groups after it, so a training
+run reading the folder while ``prepare`` updates it may read the wrong row; prepare a folder
+while nothing trains on it (the lock covers concurrent prepares only).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ import os
 import shutil
 import sys
 import time
+import uuid
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +69,28 @@ from raymim.ray_session import ensure_ray
 __all__ = ["discover_cases", "prepare", "prior_model"]
 
 
-def _context(cfg: PrepareConfig, key: bytes, out: Path | None, keep_paths: bool, done: set[str]) -> dict[str, Any]:
+def _context(cfg: PrepareConfig, key: bytes, out: Path | None, keep_paths: bool, done: set[str],
+             labels: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"cfg": dataclasses.asdict(cfg), "key": key.hex(), "out": str(out) if out else None,
-            "config_hash": _run_hash(cfg, keep_paths), "keep_paths": keep_paths, "done": sorted(done),
-            "shard_bytes": int(cfg.shard_mb) << 20}
+            "config_hash": _run_hash(cfg, keep_paths, labels), "keep_paths": keep_paths, "done": sorted(done),
+            "shard_bytes": int(cfg.shard_mb) << 20, "classes": (labels or {}).get("classes")}
 
 
 # Crop-sampler settings that change only what training cuts, not what is stored.
 SAMPLER_FIELDS = ("crops_per_volume", "crop_pos_fraction")
 # Settings of how a run uses the cluster, not of what it stores (a rerun may change them).
-RUNTIME_FIELDS = ("max_case_memory_gb",)
+RUNTIME_FIELDS = ("max_case_memory_gb", "case_timeout_s")
 TASK_NAME = "raymim-prepare"  # the Ray task name of a batch (``ray list tasks``, the dashboard)
+PROGRESS_DIR = "_progress"  # the tasks' progress files, for the per-case timeout (removed after the run)
 
 
-def _run_hash(cfg: PrepareConfig, keep_paths: bool) -> str:
+def _run_hash(cfg: PrepareConfig, keep_paths: bool, labels: dict[str, Any] | None = None) -> str:
+    """The hash of what a run stores: the prepare settings but the sampler's and the runtime ones,
+    plus the command's ``--classes`` / ``--domain`` / ``--domain-column`` when given (``labels``)."""
     stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLER_FIELDS + RUNTIME_FIELDS}
-    return config_hash({"prepare": stored, "keep_paths": keep_paths, "schema_version": shard_io.SCHEMA_VERSION})
+    extra = {k: v for k, v in (labels or {}).items() if v is not None}
+    return config_hash({"prepare": stored, "keep_paths": keep_paths, "schema_version": shard_io.SCHEMA_VERSION,
+                        **({"inputs": extra} if extra else {})})
 
 
 def streaming_context(input: str | os.PathLike, cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -160,9 +178,9 @@ def _done(commits: list[dict[str, Any]]) -> set[str]:
 def _driver_status(case: dict[str, Any], ctx: dict[str, Any], reason: str) -> dict[str, Any]:
     """The status record of a case rejected by the driver (never read): keyed by its input, and
     marked ``retry`` (the next run examines it again)."""
-    status = {"index": case["index"], "case_id": keyed_id(bytes.fromhex(ctx["key"]), "input:" + case["rel"]),
-              "status": "rejected", "reason": reason, "voxels": 0, "domain": case.get("domain"),
-              "input_bytes": 0, "retry": True}
+    input_id = keyed_id(bytes.fromhex(ctx["key"]), "input:" + case["rel"])
+    status = {"index": case["index"], "case_id": input_id, "status": "rejected", "reason": reason, "voxels": 0,
+              "domain": case.get("domain"), "input_bytes": 0, "retry": True, "input_id": input_id}
     if ctx.get("keep_paths"):
         status["source"] = case["rel"]
     return status
@@ -173,36 +191,88 @@ def _run_batches(batches: list[tuple[list[dict[str, Any]], int | None]], ctx: di
     """Run :func:`prepare_batch` as one Ray task per batch; returns every case's status record.
 
     A batch whose worker died is split into one task per case (with the cases its shards had
-    committed before it died marked done); a single case whose worker dies is rejected."""
+    committed before it died marked done); a single case whose worker dies is rejected.
+
+    Per-case timeout (``prepare.case_timeout_s``, 0: none): each task rewrites a small progress
+    file (``<out>/_progress/``) with the index of the case it starts; the driver polls them once a
+    second and times a case from when it first sees that index. A case running longer is
+    rejected ("timed out after N s", marked ``retry``), its task is cancelled (``ray.cancel(force=True)``
+    kills the worker, whatever the decoder is blocked in), and the batch's other cases that it had
+    not committed run again in one new task. Deviation: the clock starts when the driver sees the
+    case (up to the poll interval, plus the shared file system's delay, late), and a task's first
+    case is timed only once its worker has loaded the libraries."""
     import ray
     from tqdm import tqdm
 
     task = ray.remote(prepare_batch)
     failures = _system_failures()
+    timeout = float(ctx["cfg"].get("case_timeout_s") or 0.0)
+    watch_dir = out / PROGRESS_DIR
+    shutil.rmtree(watch_dir, ignore_errors=True)
+    watch_dir.mkdir(parents=True)
+    pending: dict[Any, tuple[list[dict[str, Any]], int | None, Path]] = {}
+    seen: dict[Any, tuple[int, float]] = {}  # task -> (case index it runs, when the driver first saw it)
+
+    def submit(cases: list[dict[str, Any]], mem: int | None, retries: int, ctx_ref: Any) -> None:
+        marker = watch_dir / uuid.uuid4().hex
+        ref = task.options(**_task_options(mem, retries)).remote([json.dumps(c) for c in cases], ctx_ref,
+                                                                 str(marker) if timeout else None)
+        pending[ref] = (cases, mem, marker)
+
+    def fresh() -> Any:  # the context with every case committed so far marked done
+        return ray.put(dict(ctx, done=sorted(_done(shard_io.load_commits(out)))))
+
     ctx_ref = ray.put(ctx)
-    pending = {task.options(**_task_options(mem, 2)).remote([json.dumps(c) for c in cases], ctx_ref): (cases, mem)
-               for cases, mem in batches}
+    for cases, mem in batches:
+        submit(cases, mem, 2, ctx_ref)
     statuses: list[dict[str, Any]] = []
     bar = tqdm(total=sum(len(c) for c, _ in batches), unit="case", desc="prepare", disable=not progress,
                file=sys.stderr)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
         for ref in ready:
-            cases, mem = pending.pop(ref)
+            cases, mem, marker = pending.pop(ref)
+            seen.pop(ref, None)
+            marker.unlink(missing_ok=True)
             try:
                 got = ray.get(ref)
             except failures as exc:
                 if len(cases) > 1:
-                    fresh = ray.put(dict(ctx, done=sorted(_done(shard_io.load_commits(out)))))
+                    again = fresh()
                     for c in cases:
-                        pending[task.options(**_task_options(mem, 1)).remote([json.dumps(c)], fresh)] = ([c], mem)
+                        submit([c], mem, 1, again)
                     continue
                 got = [_driver_status(cases[0], ctx, f"the worker preparing it died ({type(exc).__name__}: out of "
                                       "memory, a crash while decoding, or a lost node)")]
                 commit_statuses(got, ctx)
             statuses += got
             bar.update(len(got))
+        if not timeout:
+            continue
+        now = time.monotonic()
+        for ref in list(pending):
+            cases, mem, marker = pending[ref]
+            index = shard_io.read_progress(marker)
+            if index is None:
+                continue  # not started yet (waiting for a CPU or memory)
+            if seen.get(ref, (None,))[0] != index:
+                seen[ref] = (index, now)
+                continue
+            if now - seen[ref][1] <= timeout or ray.wait([ref], timeout=0)[0]:
+                continue  # within its time, or finished meanwhile (collected next round)
+            ray.cancel(ref, force=True)
+            del pending[ref], seen[ref]
+            marker.unlink(missing_ok=True)
+            hung = next(c for c in cases if c["index"] == index)
+            got = [_driver_status(hung, ctx, f"timed out after {timeout:g} s (prepare.case_timeout_s)")]
+            commit_statuses(got, ctx)
+            statuses += got
+            bar.update(1)
+            rest = [c for c in cases if c["index"] != index]
+            if rest:
+                submit(rest, mem, 2, fresh())
     bar.close()
+    shutil.rmtree(watch_dir, ignore_errors=True)
     return statuses
 
 
@@ -264,7 +334,7 @@ def _cluster_cpus() -> int:
 
 
 def _reset(out: Path) -> None:
-    for sub in (shard_io.SHARDS_DIR, shard_io.STATUS_DIR):
+    for sub in (shard_io.SHARDS_DIR, shard_io.STATUS_DIR, PROGRESS_DIR):
         shutil.rmtree(out / sub, ignore_errors=True)
     for name in ("manifest.json", "quarantine.csv", shard_io.PRIOR_MODEL_FILE):
         (out / name).unlink(missing_ok=True)
@@ -284,8 +354,14 @@ def _batch_size(cfg: PrepareConfig, n_cases: int, n_cpu: int) -> int:
 def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareConfig, *,
             overwrite: bool = False, keep_paths: bool = False, max_rejected: float | None = None,
             progress: bool = True, deid_key_file: str | os.PathLike | None = None,
-            report: str | os.PathLike | None = None) -> dict[str, Any]:
+            report: str | os.PathLike | None = None, classes: dict[str, int] | None = None,
+            domain: str | None = None, domain_column: str | None = None) -> dict[str, Any]:
     """Prepare ``input`` into Parquet shards of preprocessed volumes under ``out_dir``; returns the run summary.
+
+    ``classes`` ({ROI / segment name: label value}) selects and numbers the ROIs of RTSTRUCT /
+    DICOM-SEG labels (default: all, 1..K in file order) and names the values of label maps; each
+    labelled case's ``{name: value}`` is kept in manifest.json. ``domain``: the domain of every
+    case without one; ``domain_column``: the manifest column that holds the domains.
 
     The summary's ``exit_code`` is 0 when every case is written, 3 when some were quarantined,
     1 when the rejected fraction exceeds ``max_rejected`` (default ``cfg.max_rejected``).
@@ -301,17 +377,19 @@ def prepare(input: str | os.PathLike, out_dir: str | os.PathLike, cfg: PrepareCo
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         return _prepare(input, out, cfg, overwrite=overwrite, keep_paths=keep_paths, max_rejected=max_rejected,
-                        progress=progress, deid_key_file=deid_key_file, report=report)
+                        progress=progress, deid_key_file=deid_key_file, report=report,
+                        labels={"classes": dict(classes) if classes else None, "domain": domain,
+                                "domain_column": domain_column})
 
 
 def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwrite: bool, keep_paths: bool,
              max_rejected: float | None, progress: bool, deid_key_file: str | os.PathLike | None,
-             report: str | os.PathLike | None) -> dict[str, Any]:
+             report: str | os.PathLike | None, labels: dict[str, Any]) -> dict[str, Any]:
     """:func:`prepare` under the output folder's lock."""
     start = time.perf_counter()
     try:  # input paths go to the operator report, outside the dataset (raymim.io.operator_report)
         report_file = report_path(out, report)
-        found = discover(input)
+        found = discover(input, domain=labels["domain"], domain_column=labels["domain_column"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     cases = found.cases
@@ -323,8 +401,8 @@ def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwri
         print(f"duplicate: {rec['rel']}: {rec['reason']}", file=sys.stderr)
     if overwrite:
         _reset(out)
-    run_hash = _run_hash(cfg, keep_paths)
-    previous = shard_io.load_commits(out)
+    run_hash = _run_hash(cfg, keep_paths, labels)
+    previous = shard_io.load_commits(out, clean=True)  # under the lock: no task of another run writes
     other = {r["config_hash"] for r in previous} - {run_hash}
     if other:
         raise ConfigError(f"{out} holds shards prepared with config hash {sorted(other)}, this run has "
@@ -335,7 +413,7 @@ def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwri
         raise ConfigError(str(exc)) from None
     done = _done(previous)
     ensure_ray(log_to_driver=False)
-    ctx = _context(cfg, key, out, keep_paths, done)
+    ctx = _context(cfg, key, out, keep_paths, done, labels)
     ctx["prior_model"] = prior_model(cases, cfg, ctx, out, progress)
     # Inputs known bad before reading (missing, escaping, not a file): rejected here, no task.
     statuses = [process_case(c, ctx)[0] for c in cases if c.get("error")]
@@ -347,15 +425,44 @@ def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwri
     big = [_driver_status(c, ctx, too_large_reason(e, limit, node, cfg)) for c, e in too_large]
     commit_statuses(big, ctx)
     statuses += big + _run_batches(batches, ctx, out, progress)
-    summary = _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start)
-    operator = write_operator_report(report_file, found, statuses, shard_io.load_commits(out))
-    return dict(summary, not_images=len(found.skipped), duplicates=len(found.duplicates), operator_report=operator)
+    replaced = _replace_changed(out, cases, statuses)
+    summary, rejected = _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start, labels)
+    operator = write_operator_report(report_file, found, statuses, rejected)
+    return dict(summary, replaced=replaced, not_images=len(found.skipped), duplicates=len(found.duplicates),
+                operator_report=operator)
+
+
+def _replace_changed(out: Path, cases: list[dict[str, Any]], statuses: list[dict[str, Any]]) -> int:
+    """Remove the stored volumes of inputs whose content changed; returns how many went.
+
+    A status record carries its input's ``input_id`` (keyed hash of where it was found). A stored
+    volume is stale when its input now holds other content: this run read that input and gave it
+    another content-based case id (ok or rejected; a case rejected before its content was read,
+    whose case id is its input id, says nothing about its content), and no input of this run has
+    the volume's content. Its row is removed from its shard (:func:`raymim.data.shards.drop_volumes`),
+    so no reader serves it, and its entry from the commit records, so manifest.json drops it and a
+    later run that finds the old content again prepares it again. Run after the new version is
+    committed: a run killed before this step leaves both, and the next run removes the old one."""
+    current = {s["input_id"]: s for s in statuses if s.get("input_id") and s["case_id"] != s["input_id"]}
+    present = {s["case_id"] for s in statuses}
+    stale: dict[str, set[str]] = defaultdict(set)
+    for rec in shard_io.load_commits(out):
+        for c in rec["cases"] if rec["shard"] else ():
+            now = current.get(c.get("input_id"))
+            if c["status"] == "ok" and now is not None and now["case_id"] != c["case_id"] \
+                    and c["case_id"] not in present:
+                stale[rec["shard"]].add(c["case_id"])
+                print(f"replaced: #{now['index']} {cases[now['index']]['rel']}: its content changed; the volume "
+                      "of its previous content is removed", file=sys.stderr)
+    return sum(shard_io.drop_volumes(out, shard, ids) for shard, ids in stale.items())
 
 
 def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses: list[dict[str, Any]],
-            run_hash: str, keep_paths: bool, max_rejected: float | None, start: float) -> dict[str, Any]:
-    """Write manifest.json and quarantine.csv from the committed records; build the summary."""
-    commits = shard_io.load_commits(out)
+            run_hash: str, keep_paths: bool, max_rejected: float | None, start: float,
+            labels: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Write manifest.json and quarantine.csv from the committed records; ``(summary, the
+    rejections it lists)``."""
+    commits = shard_io.load_commits(out, clean=True)  # every task has ended: temp files are orphans
     index_of = {s["case_id"]: s["index"] for s in statuses}
     by_id: dict[str, dict[str, Any]] = {}
     for rec in sorted(commits, key=lambda r: r.get("written", 0.0)):  # a case's latest record wins
@@ -379,7 +486,11 @@ def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses
     limit = cfg.max_rejected if max_rejected is None else max_rejected
     manifest = {"schema_version": shard_io.SCHEMA_VERSION, "config": dataclasses.asdict(cfg),
                 "config_hash": run_hash, "keep_paths": keep_paths, "counts": counts,
+                **{k: v for k, v in labels.items() if v is not None},
                 "cases": [{k: v for k, v in c.items() if k != "input_bytes"} for c in per_case]}
+    named = {json.dumps(c["classes"], sort_keys=True) for c in ok if c.get("classes")}
+    if len(named) == 1:  # every labelled volume names its classes alike: the dataset's classes
+        manifest["classes"] = json.loads(named.pop())
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -395,14 +506,15 @@ def _finish(out: Path, cfg: PrepareConfig, cases: list[dict[str, Any]], statuses
     return dict(counts, seconds=round(seconds, 3), input_bytes=in_bytes,
                 volumes_per_s=round(len(this_run) / seconds, 3) if seconds else 0.0,
                 mb_per_s=round(in_bytes / 1e6 / seconds, 3) if seconds else 0.0,
-                rejected_fraction=round(fraction, 4), exit_code=code, out=str(out))
+                rejected_fraction=round(fraction, 4), exit_code=code, out=str(out)), rejected
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable one-block summary for the CLI."""
     return (f"cases: {summary['cases']} ok {summary['ok']} rejected {summary['rejected']} "
             f"(skipped as already done: {summary['skipped']}; not images: {summary.get('not_images', 0)}; "
-            f"duplicates written once: {summary.get('duplicates', 0)})\n"
+            f"duplicates written once: {summary.get('duplicates', 0)}; previous versions of changed inputs "
+            f"replaced: {summary.get('replaced', 0)})\n"
             f"volumes: {summary['volumes']} ({summary['voxels'] / 1e6:.1f} M voxels) in {summary['shards']} shards, "
             f"{summary['bytes'] / 1e6:.1f} MB\n"
             f"throughput: {summary['volumes_per_s']:.2f} volumes/s, {summary['mb_per_s']:.1f} MB/s of input "

@@ -74,8 +74,9 @@ PRIOR_MODEL_FILE = "prior_model.json"  # MPS prior's population model (raymim.da
 # Columns of the volume index: everything but the voxel payloads.
 INDEX_COLUMNS = ("case_id", "shape", "spacing", "domain", "modality", "foreground", "has_label")
 
-__all__ = ["SCHEMA_VERSION", "ShardWriter", "case_ids", "load_commits", "read_volume", "rows_to_table",
-           "schema", "shard_files", "volume_index", "write_commit", "write_shard"]
+__all__ = ["SCHEMA_VERSION", "ShardWriter", "case_ids", "drop_volumes", "load_commits", "read_progress",
+           "read_volume", "rows_to_table", "schema", "shard_files", "volume_index", "write_commit",
+           "write_progress", "write_shard"]
 
 
 def schema(dtype: str, keep_paths: bool = False, prior: bool = False) -> pa.Schema:
@@ -200,8 +201,10 @@ def write_commit(path: Path, commit: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(commit))
 
 
-def load_commits(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every committed record under ``out_dir`` (shard footers + status files); removes temp files."""
+def load_commits(out_dir: str | os.PathLike, clean: bool = False) -> list[dict[str, Any]]:
+    """Every committed record under ``out_dir`` (shard footers + status files). ``clean``: also
+    remove temp files (left by a killed run or a cancelled task: never committed); only while
+    no task writes, since a running task's open shard is such a temp file."""
     out = Path(out_dir)
     records = []
     for sub in (SHARDS_DIR, STATUS_DIR):
@@ -210,7 +213,8 @@ def load_commits(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         for p in sorted(folder.iterdir()):
             if p.name.startswith(TMP_PREFIX):
-                p.unlink(missing_ok=True)  # left by a killed run: never committed
+                if clean:
+                    p.unlink(missing_ok=True)
             elif p.suffix == ".parquet":
                 # The footer's key-value metadata (a streamed shard adds its commit there at close).
                 rec = json.loads(pq.read_metadata(p).metadata[COMMIT_KEY])
@@ -218,6 +222,56 @@ def load_commits(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
             elif p.suffix == ".json":
                 records.append(dict(json.loads(p.read_text()), shard=None, bytes=0))
     return records
+
+
+def drop_volumes(out_dir: str | os.PathLike, shard: str, case_ids: set[str]) -> int:
+    """Remove the volumes of ``case_ids`` from shard ``shard`` of ``out_dir``, and their entries from
+    its commit record; returns how many volumes went.
+
+    The other volumes are copied row group by row group (one volume in memory at a time) into a
+    temp file that replaces the shard under its own name (one atomic rename: a crash leaves the old
+    shard or the new one, never both). A shard left without volumes is replaced by a status
+    record of its remaining (rejected) entries, written before the shard is deleted (a crash in
+    between leaves both, whose records agree)."""
+    out = Path(out_dir)
+    path = out / SHARDS_DIR / shard
+    pf = pq.ParquetFile(path)
+    commit = json.loads(pf.metadata.metadata[COMMIT_KEY])
+    ids = pf.read(columns=["case_id"]).column("case_id").to_pylist()
+    keep = [i for i, cid in enumerate(ids) if cid not in case_ids]
+    if len(keep) == len(ids):
+        return 0
+    commit["cases"] = [c for c in commit["cases"] if c.get("case_id") not in case_ids]
+    if not keep:
+        if commit["cases"]:
+            write_commit(out / STATUS_DIR / f"{Path(shard).stem}.json", commit)
+        path.unlink()
+        return len(ids)
+    sch = pf.schema_arrow.with_metadata({DTYPE_KEY: pf.schema_arrow.metadata[DTYPE_KEY]})
+    with atomic_write(path) as tmp:
+        writer = pq.ParquetWriter(tmp, sch, **_writer_options(sch))
+        try:
+            for i in keep:
+                writer.write_table(pf.read_row_group(i).replace_schema_metadata(sch.metadata), row_group_size=1)
+            writer.add_key_value_metadata({COMMIT_KEY: json.dumps(commit).encode()})
+        finally:
+            writer.close()
+    return len(ids) - len(keep)
+
+
+def write_progress(path: Path, index: int) -> None:
+    """Record that a task starts case ``index`` (a tiny file the driver polls; no fsync)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp.write_text(str(int(index)))
+    os.replace(tmp, path)
+
+
+def read_progress(path: Path) -> int | None:
+    """The case index :func:`write_progress` last recorded at ``path``, or None (not started)."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def shard_files(path: str | os.PathLike) -> list[str]:

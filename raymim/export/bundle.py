@@ -3,7 +3,10 @@
 Layout (MONAI bundle specification)::
 
     <out>/configs/metadata.json    mandatory metadata keys + network_data_format
-    <out>/configs/inference.json   network_def (MONAI's own UNETR / SwinUNETR), preprocessing,
+    <out>/configs/inference.json   network_def (MONAI's own UNETR / SwinUNETR; for the hybrid
+                                   ConvViT encoder, which MONAI has no class for, raymim's
+                                   ``raymim.models.unetr.ConvViTUNETR``, the network
+                                   ``raymim finetune`` trains), preprocessing,
                                    sliding-window inferer, postprocessing, evaluator
     <out>/models/model.pt          the network's state dict (loads strictly into network_def)
     <out>/docs/README.md
@@ -39,14 +42,17 @@ MANDATORY_KEYS = (
     "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
     "task", "description", "authors", "copyright", "network_data_format",
 )
+CONVVIT_TARGET = "raymim.models.unetr.ConvViTUNETR"
 TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
                "channel_def")
 
 
 def monai_network_def(cfg: RaymimConfig, encoder_state: Mapping[str, torch.Tensor], num_classes: int,
                       roi_size: Sequence[int], feature_size: int = 16, norm_name: str = "instance") -> dict[str, Any]:
-    """``network_def`` for MONAI's own class (``_target_`` + constructor args)."""
-    from raymim.weights import infer_swin_args, normalize_vit_state, vit_num_layers
+    """``network_def`` (``_target_`` + constructor args): MONAI's own class for ViT and Swin
+    encoders, raymim's ``ConvViTUNETR`` for the hybrid ConvViT (the bundle then needs raymim
+    installed; ``required_packages_version`` says so)."""
+    from raymim.weights import convvit_unetr_args, infer_swin_args, normalize_vit_state, vit_num_layers
 
     backbone = cfg.model.backbone
     if backbone == "vit":
@@ -65,7 +71,13 @@ def monai_network_def(cfg: RaymimConfig, encoder_state: Mapping[str, torch.Tenso
         args = infer_swin_args(encoder_state)
         return {"_target_": "monai.networks.nets.SwinUNETR", "out_channels": num_classes, "norm_name": norm_name,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}}
-    raise ValueError(f"monai-bundle export supports model.backbone 'vit' or 'swin', got {backbone!r}.")
+    if backbone == "convvit":
+        if len({int(r) for r in roi_size}) != 1 or int(roi_size[0]) % cfg.model.patch_size:
+            raise ValueError(f"the convvit encoder takes cubic inputs, a multiple of its patch size "
+                             f"{cfg.model.patch_size}; got roi_size={list(roi_size)}.")
+        return {"_target_": CONVVIT_TARGET,
+                **convvit_unetr_args(cfg.model, encoder_state, num_classes, roi_size, feature_size, norm_name)}
+    raise ValueError(f"monai-bundle export supports model.backbone 'vit', 'swin' or 'convvit', got {backbone!r}.")
 
 
 def build_bundle_network(network_def: Mapping[str, Any]) -> torch.nn.Module:
@@ -117,7 +129,9 @@ def write_monai_bundle(
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"nibabel": _version("nibabel"), "einops": _version("einops")},
+        "required_packages_version": {"nibabel": _version("nibabel"), "einops": _version("einops"),
+                                      **({"raymim": _version("raymim")} if net_def["_target_"] == CONVVIT_TARGET
+                                         else {})},
         "name": f"raymim_{cfg.model.backbone}_{cfg.method.name}",
         "task": f"3D segmentation ({num_classes - 1} foreground classes) with a self-supervised "
                 f"{cfg.method.name} {cfg.model.backbone} encoder",

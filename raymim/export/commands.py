@@ -125,11 +125,11 @@ def check_exportable(state, cfg, fmt: str, img_size: int, num_classes: int = 2, 
     if schema is not None and not Path(schema).is_file():
         raise ExportRefused(f"--schema {schema}: no such file", "pass a local copy of MONAI's bundle meta schema "
                             "(JSON), or leave --schema out for the structural check")
-    wants = {"unetr": ("vit",), "swinunetr": ("swin",), "monai-bundle": ("vit", "swin")}[fmt]
+    wants = {"unetr": ("vit",), "swinunetr": ("swin",), "monai-bundle": ("vit", "swin", "convvit")}[fmt]
     if backbone not in wants:
         if backbone == "convvit":
-            fix = ("MONAI has no class for the hybrid ConvViT encoder: fine-tune it with `raymim finetune`, or "
-                   "pretrain with model.backbone=vit (12 layers, patch 16) to export")
+            fix = ("MONAI has no class for the hybrid ConvViT encoder: export it with --format monai-bundle "
+                   "(raymim's ConvViT-UNETR, the network `raymim finetune` trains)")
         elif backbone == "swin":
             fix = "export a swin encoder with --format swinunetr or --format monai-bundle"
         else:
@@ -161,6 +161,10 @@ def check_exportable(state, cfg, fmt: str, img_size: int, num_classes: int = 2, 
             low = max(MONAI_UNETR_PATCH, img_size // MONAI_UNETR_PATCH * MONAI_UNETR_PATCH)
             raise ExportRefused(f"--img-size {img_size} is not a multiple of the patch size {MONAI_UNETR_PATCH}",
                                 f"pass --img-size {low} or {low + MONAI_UNETR_PATCH}")
+    if backbone == "convvit" and img_size % cfg.model.patch_size:
+        low = max(cfg.model.patch_size, img_size // cfg.model.patch_size * cfg.model.patch_size)
+        raise ExportRefused(f"--img-size {img_size} is not a multiple of the patch size {cfg.model.patch_size}",
+                            f"pass --img-size {low} or {low + cfg.model.patch_size}")
     if backbone == "swin" and fmt == "monai-bundle" and img_size % 32:
         low = max(32, img_size // 32 * 32)
         raise ExportRefused(f"--img-size {img_size}: MONAI's SwinUNETR needs an image size divisible by 32 "

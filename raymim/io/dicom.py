@@ -129,11 +129,51 @@ def non_image_reason(ds: Any) -> str | None:
 @dataclass
 class SeriesScan:
     """Files of one folder sorted into image series (by ``SeriesInstanceUID``), skipped files with
-    their reasons, and files that are DICOM but unreadable (they reject their folder's series)."""
+    their reasons, and files that are DICOM but unreadable (they reject their folder's series).
+
+    ``labels``: the RTSTRUCT / DICOM-SEG files among the skipped, each with the image series it
+    refers to (:func:`label_series`; None when it names none of this folder's series)."""
 
     series: dict[str, list[Path]] = field(default_factory=dict)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     broken: list[tuple[Path, str]] = field(default_factory=list)
+    labels: list[tuple[Path, str | None]] = field(default_factory=list)
+    instances: dict[str, set[str]] = field(default_factory=dict)  # series -> its SOP Instance UIDs
+    frames: dict[str, set[str]] = field(default_factory=dict)  # series -> its Frame of Reference UIDs
+
+
+def _references(ds: Any) -> tuple[set[str], set[str], set[str]]:
+    """(series, SOP instance, frame of reference) UIDs a label object refers to, from its nested
+    sequences (RTSTRUCT: referenced frame / study / series / contour image sequences; SEG:
+    referenced series and source image sequences); its own top-level UIDs are not references."""
+    series, instances, frames = set(), set(), set()
+
+    def walk(item: Any) -> None:
+        for elem in item:
+            if elem.VR == "SQ":
+                for sub in elem.value:
+                    for key, into in (("SeriesInstanceUID", series), ("ReferencedSOPInstanceUID", instances),
+                                      ("FrameOfReferenceUID", frames)):
+                        if key in sub:
+                            into.add(str(sub.get(key)))
+                    walk(sub)
+
+    walk(ds)
+    return series, instances, frames
+
+
+def label_series(ds: Any, scan: SeriesScan) -> str | None:
+    """The one image series of ``scan`` a label object refers to: by Series Instance UID, else by
+    the SOP Instances it names, else by Frame of Reference when a single series has it."""
+    series, instances, frames = _references(ds)
+    for hits in ([u for u in scan.series if u in series],
+                 [u for u in scan.series if scan.instances.get(u, set()) & instances],
+                 [u for u in scan.series if scan.frames.get(u, set()) & frames]):
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            return None  # refers to several series: no guess
+    return None
 
 
 def scan_files(files: Sequence[Path], folder: Path | None = None) -> SeriesScan:
@@ -142,6 +182,7 @@ def scan_files(files: Sequence[Path], folder: Path | None = None) -> SeriesScan:
     from pydicom.errors import InvalidDicomError
 
     out = SeriesScan()
+    label_headers: list[tuple[Path, Any]] = []
     for f in files:
         if folder is not None and not inside(folder, f):
             out.skipped.append((f, "symlink leaving the series folder: not read"))
@@ -167,10 +208,17 @@ def scan_files(files: Sequence[Path], folder: Path | None = None) -> SeriesScan:
             continue
         why = non_image_reason(ds)
         if why:
+            modality = str(ds.get("Modality") or "").upper()
+            if sop_class(ds) in (SOP_RTSTRUCT, SOP_SEG) or modality in ("RTSTRUCT", "SEG"):
+                label_headers.append((f, ds))
             out.skipped.append((f, f"DICOM file is {why}"))
             continue
         uid = str(ds.get("SeriesInstanceUID") or "")
         out.series.setdefault(uid, []).append(f)
+        out.instances.setdefault(uid, set()).add(sop_instance(ds))
+        if ds.get("FrameOfReferenceUID"):
+            out.frames.setdefault(uid, set()).add(str(ds.FrameOfReferenceUID))
+    out.labels = [(f, label_series(ds, out)) for f, ds in label_headers]
     return out
 
 

@@ -12,7 +12,8 @@ the reader and the hasher take). Manifest rows also carry ``split`` and ``patien
 ``error`` is set for inputs that are known to be bad before reading (a manifest row whose file
 is missing, a path escaping the input root, a FIFO or device, a symlink loop); the pipeline
 quarantines them. :func:`discover` also returns what is *not* a case: ``skipped`` files (a README,
-an RTSTRUCT / SEG / RTDOSE / SR next to a series, a file named like a label) and ``duplicates``
+an RTDOSE / SR next to a series, an RTSTRUCT / SEG that refers to none of its folder's series, a
+file named like a label) and ``duplicates``
 (the same scan listed twice: the same file through a symlink or by a relative and an absolute
 path, or a byte-identical copy), each ``{"rel", "reason"}`` (duplicates also ``duplicate_of``, the
 ``index`` of the case kept) and ``path`` (absolute). Reasons are short sentences without paths or
@@ -22,7 +23,9 @@ dataset).
 
 Folders are searched recursively. NIfTI / NRRD files are cases by name; every other file is
 examined by *content*: DICOM files (by their ``DICM`` marker, whatever they are called) are
-grouped by ``SeriesInstanceUID`` into one case per image series (:mod:`raymim.io.dicom`).
+grouped by ``SeriesInstanceUID`` into one case per image series (:mod:`raymim.io.dicom`); an
+RTSTRUCT or DICOM-SEG in the folder that refers to one of them (by series, SOP instance or frame
+of reference UID) becomes that case's ``label`` (:mod:`raymim.io.dicom_labels` rasterises it).
 NIfTI / NRRD files whose names mark them as segmentations (``seg``, ``label``, ``mask`` as a name
 part, or inside a ``labelsTr``-style folder) are skipped. Domains are never taken from folder
 or file names (a folder named after a patient would reach every shard): only from an explicit
@@ -165,16 +168,31 @@ def _scan_folder(root: Path, cases: list[dict[str, Any]], skipped: list[dict[str
 def _dicom_cases(folder: Path, root: Path, files: list[Path], cases: list[dict[str, Any]],
                  skipped: list[dict[str, Any]]) -> None:
     scan = scan_files(files, folder=folder)
+    # An RTSTRUCT / DICOM-SEG that refers to one of the folder's image series is that case's label
+    # (the first by name when several refer to one series; the others stay skipped, with why).
+    label_of: dict[str, Path] = {}
+    extra: dict[Path, str] = {}
+    for f, uid in sorted(scan.labels, key=lambda fu: fu[0].name):
+        if uid is None:
+            extra[f] = "; it refers to no single image series of its folder"
+        elif uid in label_of:
+            extra[f] = "; another label object of the same image series is used"
+        else:
+            label_of[uid] = f
+    used = set(label_of.values())
     for f, why in scan.skipped:
-        skipped.append(_skip(f, root, why))
+        if f not in used:
+            skipped.append(_skip(f, root, why + extra.get(f, "")))
     if len(scan.series) == 1:
         # One image series: the folder is the case; the reader sets the other objects aside itself
         # (and rejects the series when one of its slices is unreadable).
-        cases.append(_record(len(cases), folder, root))
+        label = label_of.get(next(iter(scan.series)))
+        cases.append(_record(len(cases), folder, root, label=str(label) if label else None))
     elif scan.series:
         for n, uid in enumerate(sorted(scan.series, key=lambda u: sorted(scan.series[u])[0])):
             names = sorted(f.name for f in scan.series[uid])
-            rec = _record(len(cases), folder, root, series_files=names)
+            label = label_of.get(uid)
+            rec = _record(len(cases), folder, root, series_files=names, label=str(label) if label else None)
             rec["rel"] = f"{rec['rel']} (series {n + 1} of {len(scan.series)})"
             cases.append(rec)
         for f, why in scan.broken:
@@ -205,7 +223,10 @@ def _inside(root: Path, raw: str) -> tuple[Path, str | None]:
     return resolved, None
 
 
-def _from_rows(rows: list[tuple[str, dict[str, Any]]], root: Path, domain: str | None) -> list[dict[str, Any]]:
+def _from_rows(rows: list[tuple[str, dict[str, Any]]], root: Path, domain: str | None,
+               domain_column: str | None = None) -> list[dict[str, Any]]:
+    if domain_column is not None and not any(domain_column in row for _, row in rows):
+        raise ValueError(f"the manifest has no column {printable(domain_column)!r} (--domain-column).")
     cases = []
     for i, (where, row) in enumerate(rows):
         raw, bad = cell(row, "image")
@@ -220,7 +241,8 @@ def _from_rows(rows: list[tuple[str, dict[str, Any]]], root: Path, domain: str |
         if raw_label:
             label, lerr = _inside(root, raw_label)
         report, bad_report = cell(row, "report")
-        dom, bad_domain = cell(row, "domain" if row.get("domain") not in (None, "") else "dataset")
+        dom, bad_domain = cell(row, domain_column if domain_column is not None else
+                               "domain" if row.get("domain") not in (None, "") else "dataset")
         error = err or (lerr and f"label: {lerr}") or bad_label or bad_report or bad_domain
         rec = _record(i, image, root, report=report, domain=dom or domain,
                       label=str(label) if label else None, error=error)
@@ -339,9 +361,12 @@ def _dedupe(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
 # -- entry points ----------------------------------------------------------------------------------
 
 
-def discover(input: str | os.PathLike, *, domain: str | None = None, dedupe: bool = True) -> Discovery:
+def discover(input: str | os.PathLike, *, domain: str | None = None, dedupe: bool = True,
+             domain_column: str | None = None) -> Discovery:
     """Cases, skipped files and duplicates of a folder, a glob, a CSV / JSONL manifest or an MSD
-    ``dataset.json`` (see the module docstring). ``domain`` applies to cases without an explicit one.
+    ``dataset.json`` (see the module docstring). ``domain`` applies to cases without an explicit
+    one; ``domain_column`` names the manifest column that holds the domains (instead of
+    ``domain`` / ``dataset``; a ``ValueError`` when the input is no manifest or lacks it).
 
     Raises :class:`ManifestError` (a ``ValueError``) for a malformed manifest, naming the row, and
     ``ValueError`` when the input itself is unusable (missing, unknown kind, no cases).
@@ -359,15 +384,17 @@ def discover(input: str | os.PathLike, *, domain: str | None = None, dedupe: boo
         cases = []
         _scan_folder(root, cases, skipped)
     elif path.is_file() and path.name.lower().endswith((".csv", ".jsonl")):
-        cases = _from_rows(read_manifest(path), path.parent.resolve(), domain)
+        cases = _from_rows(read_manifest(path), path.parent.resolve(), domain, domain_column)
     elif path.is_file() and path.suffix.lower() == ".json":
         rows, name = read_msd(path)
-        cases = _from_rows(rows, path.parent.resolve(), domain or name)
+        cases = _from_rows(rows, path.parent.resolve(), domain or name, domain_column)
     elif os.path.lexists(path):  # one file, whatever its kind: the reader says what is wrong with it
         root = path.parent.resolve()
         cases = [_record(0, root / path.name, root, error=_problem(path, root))]
     else:
         raise ValueError(f"input should be a folder, glob, manifest or dataset.json, got {printable(text)!r}.")
+    if domain_column is not None and not (path.is_file() and path.name.lower().endswith((".csv", ".jsonl", ".json"))):
+        raise ValueError("--domain-column needs a manifest (.csv / .jsonl / dataset.json) as the input.")
     if domain is not None:
         for c in cases:
             c["domain"] = c.get("domain") or domain

@@ -14,9 +14,11 @@ text the dataset holds) and ``detail`` (the message of an unexpected error, whic
 It names patients' folders, so it is **not part of the dataset** and is written outside it: by
 default beside the output folder, ``<out>.operator-report.csv`` (``/data/ds`` ->
 ``/data/ds.operator-report.csv``), or where ``--report FILE`` says; a report path inside
-``--out`` is refused. Mode 0600. Every run rewrites it from the committed records, so a resumed
-run lists the cases rejected by earlier runs too (with their paths while they are still in the
-input).
+``--out`` is refused. Mode 0600. Every run rewrites it to describe the dataset as it now is: its
+rejected rows are exactly the rejections ``quarantine.csv`` and ``manifest.json`` list (the cases
+of this run's input, rejected by this run or, unchanged since, by an earlier one); a rejection of
+an input that was since fixed, replaced or removed is gone from all three. ``detail`` is known
+only for cases examined by this run.
 """
 
 from __future__ import annotations
@@ -50,26 +52,20 @@ def _case_path(case: dict[str, Any]) -> str:
     return printable(str(case.get("image") or ""))
 
 
-def report_rows(found: Any, statuses: list[dict[str, Any]], commits: list[dict[str, Any]]) -> list[dict[str, str]]:
+def report_rows(found: Any, statuses: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The report's rows from discovery (``found``: :class:`raymim.io.discover.Discovery`), this
-    run's status records (``index``, ``case_id``, ``detail``) and the committed records (every
-    case rejected in this run or an earlier one)."""
+    run's status records (``index``, ``case_id``, ``detail``) and the rejections the dataset now
+    lists (``rejected``: the manifest's rejected case records, each a case of this run's input)."""
     cases = found.cases
     index_of = {s["case_id"]: s["index"] for s in statuses if s.get("case_id")}
     detail_of = {s["case_id"]: s.get("detail") for s in statuses if s.get("case_id")}
-    rejected: dict[str, dict[str, Any]] = {}
-    for rec in commits:
-        for c in rec["cases"]:
-            if c["status"] != "ok":
-                rejected[c["case_id"]] = c
-            else:
-                rejected.pop(c["case_id"], None)
     rows = []
-    for cid, c in sorted(rejected.items(), key=lambda kv: index_of.get(kv[0], 1 << 30)):
+    for c in sorted(rejected, key=lambda c: index_of.get(c["case_id"], 1 << 30)):
+        cid = c["case_id"]
         case = cases[index_of[cid]] if cid in index_of else None
         rows.append({"kind": "rejected", "case_id": cid, "path": _case_path(case) if case else "",
-                     "input": case["rel"] if case else "(rejected by an earlier run; not in this run's input)",
-                     "reason": c.get("reason") or "", "detail": detail_of.get(cid) or ""})
+                     "input": case["rel"] if case else "", "reason": c.get("reason") or "",
+                     "detail": detail_of.get(cid) or ""})
     for rec in found.skipped:
         rows.append({"kind": "not an image", "case_id": "", "path": rec.get("path", ""), "input": rec["rel"],
                      "reason": rec["reason"], "detail": ""})
@@ -81,13 +77,13 @@ def report_rows(found: Any, statuses: list[dict[str, Any]], commits: list[dict[s
 
 
 def write_operator_report(path: str | os.PathLike, found: Any, statuses: list[dict[str, Any]],
-                          commits: list[dict[str, Any]]) -> str | None:
+                          rejected: list[dict[str, Any]]) -> str | None:
     """Write the report (atomically, mode 0600) and name it on stderr; returns its path, or None
     (with a warning) when it cannot be written: the dataset is complete either way."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
-    rows = report_rows(found, statuses, commits)
+    rows = report_rows(found, statuses, rejected)
     writer.writerows(rows)
     path = Path(path)
     try:

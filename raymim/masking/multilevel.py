@@ -21,8 +21,18 @@ Geometry, all in voxels of the input image ``image[b]``:
 * the last level (no children) is masked with ``mask_block`` (1 = MAE random masking), so with a
   single level MiM is exactly MAE.
 
-Choice made explicit: ``gamma`` children are drawn per sample per level (each from a random
-parent volume of the level above), so a sample yields ``1 + gamma * (L - 1)`` volumes.
+``gamma`` children per *parent volume*, as the reference code does (``select_patches`` draws
+``sample_usual = 4`` level-2 volumes from each level-1 volume and ``sample_down = 4`` level-3
+volumes from *each* level-2 volume): level l holds ``gamma^(l-1)`` volumes per sample, so a
+sample yields ``1 + gamma + ... + gamma^(L-1)`` volumes (21 for the paper's L = 3, gamma = 4).
+The children of one parent lie in *distinct* fully masked cubes (the reference's top-k of random
+scores over the masked groups); a parent with fewer fully masked cubes than ``gamma`` (possible
+only with a custom ``level1_mask``) repeats its cubes rather than, as the reference would, cut a
+child from a visible region.
+
+Parent region: the ``k^3``-token cube a child was cut from (:func:`parent_cube`) is the region
+MiM's cross-level alignment takes as the child's positive (the reference's group of 27 tokens at
+level 1 -> 2, a single token at level 2 -> 3, where ``k = 1``).
 
 Children are drawn on the masks' device, vectorised (:func:`_sample_children`), and cut with
 index tensors (:func:`gather_boxes`): building the hierarchy reads nothing back from an
@@ -33,8 +43,8 @@ Example::
 
     >>> levels = mim_levels(torch.rand(2, 1, 96, 96, 96), img_size=96, patch_size=16,
     ...                     level_sizes=[384, 96, 16], mask_ratio=0.6, gamma=4)
-    >>> [lv.volumes.shape[0] for lv in levels]  # [2, 8, 8]
-    >>> levels[1].boxes.shape, levels[1].parent_token.shape  # [2, 4, 6], [2, 4]
+    >>> [lv.volumes.shape[0] for lv in levels]  # [2, 8, 32]: gamma per parent volume
+    >>> levels[2].boxes.shape, levels[2].parent_token.shape  # [2, 16, 6], [2, 16]
 """
 
 from __future__ import annotations
@@ -54,7 +64,8 @@ class MiMLevel(NamedTuple):
     volumes: torch.Tensor  # [B * n, C, S, S, S] network inputs, row b * n + i
     mask: TokenMask  # mask [B * n, L] (1 = removed), ids_keep [B * n, K], ids_restore [B * n, L]
     boxes: torch.Tensor  # [B, n, 6] long: (z0, y0, x0, z1, y1, x1) in image voxels, end exclusive
-    parent: torch.Tensor  # [B, n] long: index i of the parent volume in the level above; -1 at level 1
+    parent: torch.Tensor  # [B, n] long: index i of the parent volume in the level above (children of
+    #                        parent i are rows i * gamma .. i * gamma + gamma - 1); -1 at level 1
     parent_token: torch.Tensor  # [B, n] long: flat (d, h, w) token index in the parent's grid; -1 at level 1
     block: int  # side, in tokens, of this level's masking cubes
     side: int = 0  # side of every box of this level, in image voxels (host-side, for labels)
@@ -133,31 +144,46 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.rand(shape, device=device)
 
 
+def parent_cube(parent_token: torch.Tensor, grid: int, block: int) -> torch.Tensor:
+    """Flat index, in the parent's ``(grid / block)^3`` grid of masking cubes, of the cube that
+    holds ``parent_token`` (flat (d, h, w) token indices, any shape): the region a child was cut
+    from (its box lies inside that fully masked cube)."""
+    cubes = grid // block
+    d, h, w = parent_token // (grid * grid), (parent_token // grid) % grid, parent_token % grid
+    return ((d // block) * cubes + h // block) * cubes + w // block
+
+
 def _sample_children(
     parent: MiMLevel, batch: int, side: int, grid: int, child_side: int, gamma: int, gen: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``gamma`` child boxes per sample inside fully masked cubes of the parent level.
+    """Draw ``gamma`` child boxes per parent volume inside distinct fully masked cubes of it.
 
-    Each child picks a random parent volume of its sample, a fully masked ``k^3``-token cube of that
-    volume uniformly at random, and a uniform integer position of its box inside the cube.
-    Vectorised on the mask's device: nothing is read back to the host (on a GPU this runs
-    without a synchronisation). Returns boxes [B, gamma, 6], parents [B, gamma], parent tokens
-    [B, gamma], all long on the mask's device.
+    Each parent volume picks ``gamma`` of its fully masked ``k^3``-token cubes uniformly at random
+    without replacement (repeating its best-scored one when it has fewer), and each child a
+    uniform integer position of its box inside its cube. Vectorised on the mask's device:
+    nothing is read back to the host (on a GPU this runs without a synchronisation). Returns
+    boxes [B, n gamma, 6], parents [B, n gamma], parent tokens [B, n gamma], all long on the
+    mask's device; parent volume i's children are rows i * gamma .. i * gamma + gamma - 1.
     """
     k = parent.block
     n = parent.boxes.shape[1]
     cubes = grid // k
     dev = parent.mask.mask.device
-    count = batch * gamma
+    count = batch * n * gamma
     # [B * n, cubes, k, cubes, k, cubes, k] -> a cube is fully masked when its min is 1.
     m = parent.mask.mask.view(batch * n, cubes, k, cubes, k, cubes, k)
     full = (m.amin(dim=(2, 4, 6)) > 0.5).flatten(1)  # [B * n, cubes^3]
-    parents = (_rand((batch, gamma), gen, dev) * n).long().clamp_max(n - 1)  # [B, gamma]
-    rows = (torch.arange(batch, device=dev).unsqueeze(1) * n + parents).flatten()  # [B gamma]
-    # A uniformly random fully masked cube (the caller checked that every volume has one).
-    cube = _rand((count, cubes**3), gen, dev).masked_fill(~full[rows], -1.0).argmax(1)
-    c = torch.stack([cube // (cubes * cubes), (cube // cubes) % cubes, cube % cubes], 1)  # [B gamma, 3]
-    origin = parent.boxes.to(dev).reshape(batch * n, 6)[rows, :3]  # [B gamma, 3]
+    # Distinct random fully masked cubes per parent volume (the caller checked that each has one).
+    scores = _rand((batch * n, cubes**3), gen, dev).masked_fill(~full, -1.0)
+    top, picked = scores.topk(min(gamma, cubes**3), dim=1)  # [B n, gamma'] distinct cubes
+    picked = torch.where(top >= 0, picked, picked[:, :1])  # fewer masked cubes than gamma: repeat
+    if picked.shape[1] < gamma:
+        picked = picked.repeat(1, -(-gamma // picked.shape[1]))[:, :gamma]
+    cube = picked.flatten()  # [B n gamma]
+    parents = torch.arange(n, device=dev).repeat_interleave(gamma).expand(batch, n * gamma)  # [B, n gamma]
+    rows = torch.arange(batch * n, device=dev).repeat_interleave(gamma)  # [B n gamma]
+    c = torch.stack([cube // (cubes * cubes), (cube // cubes) % cubes, cube % cubes], 1)  # [B n gamma, 3]
+    origin = parent.boxes.to(dev).reshape(batch * n, 6)[rows, :3]  # [B n gamma, 3]
     lo_num = origin * grid + c * k * side  # cube start, times grid
     lo = -((-lo_num) // grid)  # ceil
     hi = (lo_num + k * side - child_side * grid) // grid  # floor(last valid start)
@@ -166,9 +192,9 @@ def _sample_children(
     # The parent token holding the child's centre: floor(centre * grid / side), kept in the cube.
     t = ((2 * (start - origin) + child_side) * grid) // (2 * side)
     t = torch.minimum(torch.maximum(t, c * k), c * k + k - 1)
-    boxes = torch.cat([start, start + child_side], 1).view(batch, gamma, 6)
-    tokens = ((t[:, 0] * grid + t[:, 1]) * grid + t[:, 2]).view(batch, gamma)
-    return boxes, parents, tokens
+    boxes = torch.cat([start, start + child_side], 1).view(batch, n * gamma, 6)
+    tokens = ((t[:, 0] * grid + t[:, 1]) * grid + t[:, 2]).view(batch, n * gamma)
+    return boxes, parents.contiguous(), tokens
 
 
 def mim_levels(
@@ -186,8 +212,8 @@ def mim_levels(
 ) -> list[MiMLevel]:
     """Build the MiM level hierarchy for a batch ``image`` [B, C, D, H, W].
 
-    Returns one :class:`MiMLevel` per level; level 1 has one volume per sample, every further
-    level ``gamma`` per sample. Masks have exactly ``round(L * mask_ratio)`` removed tokens.
+    Returns one :class:`MiMLevel` per level; level 1 has one volume per sample, level l
+    ``gamma^(l-1)`` (``gamma`` per parent volume). Masks have exactly ``round(L * mask_ratio)`` removed tokens.
     ``level1_mask(volumes, block) -> TokenMask`` replaces level 1's random cube masking (masked
     patch selection uses it to mask lesion cubes first); deeper levels stay random.
     """

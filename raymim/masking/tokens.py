@@ -127,7 +127,7 @@ def block_masking(
     """
     if block < 1:
         raise ValueError(f"block should be >= 1, got {block}.")
-    length = math.prod(int(g) for g in grid)  # host ints: no tensor read
+    length = math.prod([int(g) for g in grid])  # host ints, no tensor read; a list (torch.compile traces it)
     if block == 1:  # same draws as MAE's random masking, so block=1 reproduces it exactly
         return random_masking(batch, length, mask_ratio, generator=generator, device=device)
     scores = block_scores(batch, grid, block, generator=generator, device=device)

@@ -1,10 +1,14 @@
 """The interface every pretraining method implements, and the method registry.
 
 A method is an ``nn.Module`` holding ``encoder`` (the backbone downstream fine-tuning loads)
-whose ``forward(batch)`` returns a :class:`MethodOutput`. Methods register by name
-(timm's ``@register_model`` pattern)::
+whose ``forward(batch)`` returns a :class:`MethodOutput`. Methods register by name, each with
+the dataclass of the ``method`` config fields it reads (timm's ``@register_model`` pattern)::
 
-    @register_method("mae")
+    @dataclass
+    class MAEConfig(MaskedReconstructionConfig):
+        mask_block: int = 1
+
+    @register_method("mae", config=MAEConfig)
     class MAE(PretrainMethod): ...
 
     method = build_method("mae", config)      # config: RaymimConfig
@@ -18,14 +22,16 @@ the device and converts them once per ``train.log_every`` steps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymim.config import RaymimConfig
+from raymim.config import MethodConfig, RaymimConfig, check_positive
 
 
 class MethodOutput(NamedTuple):
@@ -92,21 +98,51 @@ class PretrainMethod(nn.Module):
         raise NotImplementedError
 
 
+@dataclass
+class ProjectionConfig(MethodConfig):
+    """Config part of the methods with a contrastive or alignment loss on projected features:
+    the InfoNCE / NT-Xent temperature and the projection heads' output width."""
+
+    tau: float = 0.2
+    proj_dim: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("method.tau", self.tau)
+        check_positive("method.proj_dim", self.proj_dim)
+
+
 M = TypeVar("M", bound=type[PretrainMethod])
 _METHODS: dict[str, type[PretrainMethod]] = {}
+_CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
-def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator adding a :class:`PretrainMethod` to the registry under ``name``."""
+def register_method(name: str, *, config: type[MethodConfig]) -> Callable[[M], M]:
+    """Class decorator adding a :class:`PretrainMethod` to the registry under ``name``, with
+    ``config``, the :class:`~raymim.config.MethodConfig` dataclass of the fields it reads (its
+    ``method`` config section; one class per method)."""
+    if not (isinstance(config, type) and issubclass(config, MethodConfig) and dataclasses.is_dataclass(config)):
+        raise TypeError(f"register_method({name!r}) needs config= a MethodConfig dataclass, got {config!r}.")
+    owner = vars(config).get("method_name")
+    if owner not in (None, name):
+        raise ValueError(f"{config.__name__} is already the config of method {owner!r}; method {name!r} needs its own.")
 
     def wrap(cls: M) -> M:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__name__}.")
         _METHODS[name] = cls
+        _CONFIGS[name] = config
+        config.method_name = name
         cls.method_name = name
+        cls.config_class = config
         return cls
 
     return wrap
+
+
+def registered_configs() -> dict[str, type[MethodConfig]]:
+    """``{method name: its config class}`` of every registered method."""
+    return dict(_CONFIGS)
 
 
 def list_methods() -> list[str]:
@@ -115,7 +151,11 @@ def list_methods() -> list[str]:
 
 
 def build_method(name: str, config: RaymimConfig) -> PretrainMethod:
-    """Instantiate the method registered as ``name`` from the whole config."""
+    """Instantiate the method registered as ``name`` from the whole config, whose ``method``
+    section must be that method's config class (``raymim.config.method_config(name, ...)``)."""
     if name not in _METHODS:
         raise ValueError(f"method.name should be one of {tuple(list_methods())}, got {name!r}.")
+    if not isinstance(config.method, _CONFIGS[name]):
+        raise ValueError(f"method {name!r} needs a {_CONFIGS[name].__name__} method section, got "
+                         f"{type(config.method).__name__} (method.name={config.method.name!r}).")
     return _METHODS[name](config)

@@ -37,16 +37,17 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymim.config import RaymimConfig
-from raymim.methods.base import MethodOutput, PretrainMethod, register_method
+from raymim.config import RaymimConfig, check_positive
+from raymim.methods.base import MethodOutput, PretrainMethod, ProjectionConfig, register_method
 from raymim.methods.losses import nt_xent
-from raymim.methods.mae import MAE, first_case_id, input_label
+from raymim.methods.mae import MAE, MaskedReconstructionConfig, first_case_id, input_label
 from raymim.methods.strategies import BlockMasking
 from raymim.models.heads import ProjectionHead
 
@@ -81,7 +82,37 @@ def view_visuals(imgs: torch.Tensor, views: torch.Tensor, n: int) -> dict[str, t
             "view2": PretrainMethod.panel(views[n:])}
 
 
-@register_method("hssl")
+@dataclass
+class HSSLConfig(ProjectionConfig, MaskedReconstructionConfig):
+    """HSSL's ``method`` section (``name: hssl``): NT-Xent (``tau``, ``proj_dim``), the domain head,
+    the loss weights, and MAE's reconstruction fields for the opt-in ``rec_weight > 0`` term."""
+
+    domains: list[str] | None = None  # domain vocabulary; None: built from the data as seen
+    max_domains: int = 16  # domain-head width when `domains` is None
+    contrast_weight: float = 1.0
+    domain_weight: float = 1.0
+    rec_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("method.max_domains", self.max_domains)
+        for name in ("contrast_weight", "domain_weight", "rec_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"method.{name} should be >= 0, got {getattr(self, name)}.")
+        if self.domains is not None and len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"method.domains should hold distinct names, got {self.domains}.")
+
+    def inert_fields(self) -> set[str]:
+        no_rec = {"mask_ratio", "norm_pix_loss", "recon_loss"}  # no reconstruction term: the views are not masked
+        return super().inert_fields() | (no_rec if self.rec_weight == 0 else set())
+
+
+@dataclass
+class SimCLRConfig(ProjectionConfig):
+    """SimCLR's ``method`` section (``name: simclr``): the NT-Xent temperature and projection width."""
+
+
+@register_method("hssl", config=HSSLConfig)
 class HSSL(MAE):
     """Two augmented views -> encoder -> decoder; NT-Xent + domain head (+ masked reconstruction)."""
 
@@ -94,11 +125,18 @@ class HSSL(MAE):
         if not self.use_decoder:
             self.decoder = None
         self.proj = ProjectionHead(m.decoder_hidden_size if self.use_decoder else m.hidden_size, mc.proj_dim)
-        self.domain_names: list[str] = list(mc.domains) if mc.domains else []
-        self.fixed_domains = mc.domains is not None
-        width = len(self.domain_names) if self.fixed_domains else mc.max_domains
-        self.domain_head = nn.Linear(2 * m.hidden_size, max(width, 1)) if self.use_domain else None
-        # With a reconstruction term each view is masked MAE-style (random tokens).
+        self.domain_names: list[str] = []
+        self.fixed_domains = False
+        self.domain_head: nn.Linear | None = None
+        if self.use_domain:
+            self.domain_names = list(mc.domains) if mc.domains else []
+            self.fixed_domains = mc.domains is not None
+            width = len(self.domain_names) if self.fixed_domains else mc.max_domains
+            self.domain_head = nn.Linear(2 * m.hidden_size, max(width, 1))
+
+    def configure_masking(self, mc: HSSLConfig) -> None:
+        """MAE's loss kind; with a reconstruction term each view is masked MAE-style (random tokens)."""
+        self.loss_kind = "mse" if mc.recon_loss == "auto" else mc.recon_loss
         self.mask_strategy = BlockMasking(tuple(self.grid), mc.mask_ratio, 1)
 
     # The domain vocabulary travels with the weights (a data-built one differs per dataset).
@@ -199,12 +237,15 @@ class HSSL(MAE):
         return [names[i] if i < len(names) else "?" for i in logits.argmax(1).tolist()]
 
 
-@register_method("simclr")
+@register_method("simclr", config=SimCLRConfig)
 class SimCLR(HSSL):
     """Plain SimCLR: two augmented crops -> encoder -> mean pool -> projection head -> NT-Xent."""
 
     use_domain = False
     use_decoder = False
 
+    def configure_masking(self, mc: SimCLRConfig) -> None:
+        """Nothing to configure: SimCLR neither masks nor reconstructs."""
 
-__all__ = ["HSSL", "SimCLR", "augment_view", "nt_xent"]
+
+__all__ = ["HSSL", "HSSLConfig", "SimCLR", "SimCLRConfig", "augment_view", "nt_xent"]

@@ -220,18 +220,19 @@ def multi_positive_info_nce(logits: torch.Tensor, positive: torch.Tensor,
 
 
 def cross_level_infonce(
-    context: torch.Tensor, parent_tokens: torch.Tensor, positive: torch.Tensor, tau: float = 0.2
+    query: torch.Tensor, region_keys: torch.Tensor, positive: torch.Tensor, tau: float = 0.2
 ) -> torch.Tensor:
     """InfoNCE across levels (MiM Eq. 4-7), cosine similarity over temperature ``tau``::
 
-        loss = mean_m -log softmax_l( sim(context_m, parent_tokens[m, l]) / tau )[positive_m]
+        loss = mean_m -log softmax_r( sim(query_m, region_keys[m, r]) / tau )[positive_m]
 
-    context: [M, P] pooled features of M level-(l+1) volumes; parent_tokens: [M, L, P] token
-    features of each one's parent volume (level l); positive: [M] index of the parent token
-    each volume was cropped from. Every logit compares a level-(l+1) vector with a level-l token;
-    the negatives are the parent's other tokens, so there is nothing to gather across ranks.
+    query: [M, P] pooled features of M level-(l+1) volumes; region_keys: [M, R, P] keys of the R
+    regions (masking cubes) of each one's parent volume (level l; the caller detaches them, as
+    the reference does); positive: [M] index of the region each volume was cut from. Every logit
+    compares a level-(l+1) vector with a level-l region; the negatives are the parent volume's
+    other regions, so there is nothing to gather across ranks.
     """
-    q = F.normalize(context, dim=-1)
-    k = F.normalize(parent_tokens, dim=-1)
-    logits = torch.einsum("mp,mlp->ml", q, k) / tau  # [M, L]
+    q = F.normalize(query, dim=-1)
+    k = F.normalize(region_keys, dim=-1)
+    logits = torch.einsum("mp,mrp->mr", q, k) / tau  # [M, R]
     return F.cross_entropy(logits, positive)

@@ -21,11 +21,12 @@ metrics and panels of one masked batch), with their own mask strategy
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from raymim.config import RaymimConfig
+from raymim.config import MethodConfig, RaymimConfig, check_choice, check_positive, check_range
 from raymim.masking.tokens import TokenMask, mask_to_volume, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import denormalize_patches, masked_mean, masked_recon_loss, patch_targets, token_recon_error
@@ -54,6 +55,7 @@ def first_case_id(batch: Mapping[str, Any]) -> str | None:
     return str(ids[0]) if ids is not None and len(ids) and ids[0] is not None else None
 
 
+@torch.compiler.disable  # host-side panels (MONAI MetaTensor): one clean graph break, no failed inlining
 def masked_visuals(imgs: torch.Tensor, recon: torch.Tensor, vox: torch.Tensor, *, label: str | None = None,
                    case_id: str | None = None) -> dict[str, torch.Tensor]:
     """Panels of sample 0 (``[C, D, H, W]`` each): ``input``, ``masked`` (removed voxels zeroed),
@@ -85,12 +87,42 @@ class Reconstruction(NamedTuple):
     loss: torch.Tensor  # scalar: mean error over the masked tokens
 
 
-@register_method("mae")
+@dataclass
+class MaskedReconstructionConfig(MethodConfig):
+    """The ``method`` fields of every method that reconstructs masked tokens with MAE's encoder
+    and decoder (:meth:`MAE.reconstruct`): MAE, SimMIM, MiM, MPS-AMS, MedIM, HSSL."""
+
+    # MAE and SimMIM papers: 0.75 (MAE) / 0.6 (SimMIM); MiM paper: 0.6.
+    mask_ratio: float = 0.75
+    # Normalise each target patch by its own mean / std (MAE's norm_pix_loss).
+    norm_pix_loss: bool = False
+    # Reconstruction loss: "auto" picks each paper's choice (MAE / MiM: mse, SimMIM: l1).
+    recon_loss: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("method.mask_ratio", self.mask_ratio, 0.0, 1.0)
+        check_choice("method.recon_loss", self.recon_loss, ("auto", "mse", "l1"))
+
+
+@dataclass
+class MAEConfig(MaskedReconstructionConfig):
+    """MAE's ``method`` section (``name: mae``)."""
+
+    # SimMIM-style block masking: side of a masked block, in tokens (1 = token-wise random).
+    mask_block: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("method.mask_block", self.mask_block)
+
+
+@register_method("mae", config=MAEConfig)
 class MAE(PretrainMethod):
     """Masked autoencoder: ``forward_encoder`` -> ``forward_decoder`` -> ``forward_loss``.
 
     ``mask_strategy``: ``(images, batch, progress) -> TokenMask``, random (``mask_block=1``) or
-    block masking at ``method.mask_ratio``.
+    block masking at ``method.mask_ratio`` (:meth:`configure_masking`).
     """
 
     def __init__(self, config: RaymimConfig) -> None:
@@ -111,10 +143,14 @@ class MAE(PretrainMethod):
             m.decoder_layers,
             m.decoder_heads,
             out_dim=m.patch_size**3 * m.in_channels,
+            fused_attention=m.fused_attention,
         )
-        kind = config.method.recon_loss
-        self.loss_kind = "mse" if kind == "auto" else kind
-        mc = config.method
+        self.configure_masking(config.method)
+
+    def configure_masking(self, mc: MAEConfig) -> None:
+        """The reconstruction loss kind and the token mask strategy, from the method's config
+        section (methods that mask otherwise, or read other fields, override this)."""
+        self.loss_kind = "mse" if mc.recon_loss == "auto" else mc.recon_loss
         self.mask_strategy: MaskStrategy = BlockMasking(tuple(self.grid), mc.mask_ratio, mc.mask_block)
 
     def forward_encoder(self, imgs: torch.Tensor, tm: TokenMask) -> torch.Tensor:

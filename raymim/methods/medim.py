@@ -79,18 +79,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
-from raymim.config import RaymimConfig
+from raymim.config import RaymimConfig, check_choice, check_positive, check_range
 from raymim.masking.report_guided import mean_attention, patch_attention, report_guided_masking
 from raymim.masking.selection import prior_token_scores
-from raymim.methods.base import MethodOutput, host_scalar, register_method
+from raymim.methods.base import MethodOutput, ProjectionConfig, host_scalar, register_method
 from raymim.methods.losses import info_nce, multi_positive_info_nce
-from raymim.methods.mae import MAE, first_case_id, input_label
+from raymim.methods.mae import MAE, MaskedReconstructionConfig, first_case_id, input_label
 from raymim.models.heads import ProjectionHead
 from raymim.models.text import Encoded, ReportTokenizer, TextEncoder, load_keywords
 
@@ -160,9 +161,40 @@ def finding_loss(sims: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, po
     return multi_positive_info_nce(scores, positive)
 
 
-@register_method("medim")
+@dataclass
+class MedIMConfig(ProjectionConfig, MaskedReconstructionConfig):
+    """MedIM's ``method`` section (``name: medim``): MAE's reconstruction fields (the mask comes
+    from the reports, so no ``mask_block``), the report-guided masking and the text encoder;
+    ``tau`` / ``proj_dim`` are the alignment losses' temperature and projection width."""
+
+    # "kdm" keyword attention or "sdm" one sentence's attention.
+    medim_mode: str = "kdm"
+    medim_low_share: float = 0.1  # share of masked tokens drawn from low-attention patches
+    medim_vocab: str | None = None  # keyword file (one term a line); None: the built-in vocabulary
+    medim_align_weight: float = 1.0  # weight of the alignment losses (finding + report-image)
+    text_dim: int = 96
+    text_layers: int = 1
+    text_max_len: int = 64
+    text_buckets: int = 4096  # hashed word-piece vocabulary of the built-in tokenizer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method.medim_mode", self.medim_mode, ("kdm", "sdm"))
+        check_range("method.medim_low_share", self.medim_low_share, 0.0, 1.0, lo_open=False, hi_open=False)
+        for name in ("text_dim", "text_layers", "text_max_len", "text_buckets"):
+            check_positive(f"method.{name}", getattr(self, name))
+        if self.medim_align_weight < 0:
+            raise ValueError(f"method.medim_align_weight should be >= 0, got {self.medim_align_weight}.")
+
+
+@register_method("medim", config=MedIMConfig)
 class MedIM(MAE):
     """MAE whose masks follow a per-keyword positional atlas, trained against the MPS lesion prior."""
+
+    def configure_masking(self, mc: MedIMConfig) -> None:
+        """MAE's loss kind; no mask strategy: :meth:`forward` draws the report-guided mask, whose
+        attention also feeds the alignment loss."""
+        self.loss_kind = "mse" if mc.recon_loss == "auto" else mc.recon_loss
 
     def __init__(self, config: RaymimConfig) -> None:
         super().__init__(config)
@@ -267,4 +299,5 @@ class MedIM(MAE):
         return MethodOutput(loss, metrics, visuals)
 
 
-__all__ = ["MISSING_PRIOR", "MedIM", "finding_groups", "finding_loss", "position_code", "word_region_sims"]
+__all__ = ["MISSING_PRIOR", "MedIM", "MedIMConfig", "finding_groups", "finding_loss", "position_code",
+           "word_region_sims"]

@@ -1,21 +1,45 @@
 """MiM (Mask in Mask): multi-level masked volumes, per-level reconstruction, cross-level alignment.
 
 Zhuang et al., "MiM: Mask in Mask Self-Supervised Pre-Training for 3D Medical Image Analysis",
-IEEE TMI 2025 (arXiv:2404.15580). Defaults (``method.*``): L = 3 levels of 192^3 / 96^3 / 16^3
-voxels at the stored spacing (the reference code's sizes, ``level_sizes=[192, 96, 16]``, level 1 a
-192^3 crop drawn from the volume at train time; the paper quotes 384^2x192) resized to a 96^3 input,
-mask ratio 0.6, gamma = 4 volumes per level, alpha = 0.1, a hybrid conv + ViT backbone
-(``model.backbone="convvit"``) encoding visible tokens only. Loss (Eq. 10)::
+IEEE TMI 2025 (arXiv:2404.15580); reference code github.com/JiaxinZhuang/MiM
+(``Pretrain/models_convmae3d_v4.py``, ``engine_pretrain.py``, ``nscripts_gpu6/MiM/pretrain.sh``).
+Defaults (``method.*``): L = 3 levels of 192^3 / 96^3 / 16^3 voxels at the stored spacing (the
+reference code's sizes, ``level_sizes=[192, 96, 16]``, level 1 a 192^3 crop drawn from the volume
+at train time; the paper quotes 384^2x192) resized to a 96^3 input, mask ratio 0.6, gamma = 4
+volumes per *parent volume* (:mod:`raymim.masking.multilevel`), alpha = 0.1, the hybrid ConvViT
+backbone (``model.backbone="convvit"`` in ``mim.yaml``) encoding visible tokens only. Loss, with
+the reference's weights (``reconstruct_weight_* = 1``, ``atten_weight_uu = atten_weight_ud = 0.1``)::
 
-    L = L_R + alpha * L_C
-    L_R = mean over levels of the masked-token MSE (Eq. 2-3)
-    L_C = mean over levels l >= 2 of InfoNCE(context of a level-l volume, tokens of its
-          level-(l-1) parent; positive = the parent token it was cropped from)   (Eq. 4-7)
+    L = sum over levels l of L_R(l) + alpha * sum over levels l >= 2 of L_C(l-1, l)
+    L_R(l)      masked-token MSE of level l (Eq. 2-3)
+    L_C(l-1, l) InfoNCE(query of a level-l volume, region keys of its level-(l-1) parent volume;
+                positive = the parent region (masking cube) the child was cut from,
+                negatives = the parent volume's other regions)               (Eq. 4-7)
 
-Context vectors are the mean of a volume's visible-token latents; parent token features are the
-decoder's states (they exist for masked tokens, where the children come from). Both go through
-projection heads of width ``method.proj_dim``. Every alignment term compares two *different*
-levels. With ``levels=1`` MiM is exactly MAE (same masks, same loss).
+Cross-level alignment as in the reference: the query is the mean of the child volume's *decoder*
+features (all tokens) through a per-level-pair MLP head (``aggregate_mid`` / ``aggregate_down``
+there, ``query_heads`` here); the parent's decoder features are **detached** (no gradient reaches
+the parent branch through the keys), mean-pooled over each ``k^3``-token masking cube of the
+parent (:func:`region_keys`; the reference pools 27 consecutive flattened tokens at level 1 -> 2
+and keeps single tokens at 2 -> 3, where our cube is ``k = 1``) and projected by a second
+per-pair head (``aggregate_pred_*_feature`` there, ``key_heads`` here); every logit compares a
+level-l vector with a level-(l-1) region. With ``levels=1`` MiM is exactly MAE (same masks, same
+loss).
+
+Deliberate deviations from the reference, with their reasons:
+
+* InfoNCE with the parent's other regions as negatives (the reference's ``attn_loss_name='CE'``,
+  the paper's Eq. 4-7), not the BYOL-style cosine loss that its released ``pretrain.sh`` selects
+  (``--attn_loss_name byol``, no negatives, and a loop that compares unprojected with projected
+  features): the paper describes the contrastive form.
+* Regions are real ``k^3`` cubes of the token grid (see :mod:`raymim.masking.multilevel`), not 27
+  consecutive flattened tokens, so the positive is the region the child was actually cut from.
+* Cosine similarity over a temperature ``method.tau`` (0.2) and heads of width ``method.proj_dim``:
+  the reference's CE branch uses a temperature of 1 and heads as wide as the decoder; a
+  temperature is part of the paper's InfoNCE, and one head width serves every method here.
+* The reference's level-2 -> 3 CE branch pools each level-2 volume into a single key (one logit,
+  a constant loss); here each level-2 region (single token, ``k = 1``) is a key, which is what
+  its ``labels_down`` (a token index) refers to.
 
 Level-1 scale (``method.level1_scale`` = [lo, hi], default [0.2, 1.0]): at every training step
 the level-1 box's volume is drawn as a fraction v ~ U(lo, hi) of ``level_sizes[0]^3``
@@ -38,7 +62,7 @@ encoder/decoder pass (:meth:`MiM.hierarchy_output`); MPS-AMS passes its own leve
 
 Example::
 
-    >>> cfg.method.levels, cfg.method.level_sizes, cfg.method.gamma = 2, [32, 16], 2
+    >>> cfg.method = MiMConfig(levels=2, level_sizes=[32, 16], gamma=2)
     >>> out = build_method("mim", cfg)({"image": torch.rand(2, 1, 32, 32, 32)})
     >>> out.metrics["loss_rec_l2"], out.visuals["l2/recon"].shape
 """
@@ -52,12 +76,12 @@ from typing import Any
 
 import torch
 
-from raymim.config import RaymimConfig
-from raymim.masking.multilevel import MiMLevel, cube_block, level_box_sides
+from raymim.config import RaymimConfig, check_positive
+from raymim.masking.multilevel import MiMLevel, cube_block, level_box_sides, parent_cube
 from raymim.masking.tokens import TokenMask, num_masked
-from raymim.methods.base import MethodOutput, host_scalar, register_method
+from raymim.methods.base import MethodOutput, ProjectionConfig, host_scalar, register_method
 from raymim.methods.losses import cross_level_infonce, masked_mean
-from raymim.methods.mae import MAE, first_case_id
+from raymim.methods.mae import MAE, MAEConfig, first_case_id
 from raymim.methods.strategies import MiMLevels
 from raymim.models.heads import ProjectionHead
 
@@ -94,15 +118,86 @@ def level1_side_choices(image_side: int, level_sizes: Sequence[int], levels: int
     return out or [base]
 
 
-@register_method("mim")
+def region_keys(feats: torch.Tensor, grid: int, block: int) -> torch.Tensor:
+    """Token features [N, L, D] (L = grid^3, flat (d, h, w)) -> the mean over each
+    ``block^3``-token masking cube, [N, (grid / block)^3, D] (cube order of
+    :func:`~raymim.masking.multilevel.parent_cube`)."""
+    n, _, d = feats.shape
+    c = grid // block
+    vol = feats.view(n, c, block, c, block, c, block, d)
+    return vol.mean(dim=(2, 4, 6)).reshape(n, c**3, d)
+
+
+@dataclasses.dataclass
+class MultiLevelConfig(ProjectionConfig, MAEConfig):
+    """The ``method`` fields of the Mask-in-Mask level hierarchy (MiM, MPS-AMS): MAE's, the
+    levels, and the cross-level alignment (``tau``, ``proj_dim``, ``alpha``)."""
+
+    levels: int = 3
+    # Crop side of each level in voxels of the stored grid (scaled down only when the train-time
+    # crop is smaller than level 1); level 1 is the large crop, each further level a sub-volume of a
+    # masked cube of the level above. Defaults: the MiM reference code's 192 -> 96 -> 16 voxels at
+    # the stored spacing, with a prepare.crop_size of 192^3 (the paper's 384 x 384 x 192 level 1
+    # exceeds most resampled CTs).
+    level_sizes: list[int] = dataclasses.field(default_factory=lambda: [192, 96, 16])
+    # Level-(l+1) volumes drawn from distinct masked cubes of each level-l volume, per parent
+    # volume (the reference's sample_usual = sample_down = 4): level l holds gamma^(l-1) per sample.
+    gamma: int = 4
+    # Weight of each cross-level alignment term, L = sum_l L_R(l) + alpha * sum_l L_C(l-1, l) (the
+    # reference's atten_weight_uu = atten_weight_ud = 0.1; every reconstruction term weighs 1).
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.levels <= 4:
+            raise ValueError(f"method.levels should be in the range [1, 4], got {self.levels}.")
+        if len(self.level_sizes) < self.levels or any(s <= 0 for s in self.level_sizes):
+            raise ValueError(
+                f"method.level_sizes should hold method.levels={self.levels} positive sizes, got {self.level_sizes}."
+            )
+        if any(b > a for a, b in zip(self.level_sizes, self.level_sizes[1:])):
+            raise ValueError(f"method.level_sizes should not increase from level to level, got {self.level_sizes}.")
+        check_positive("method.gamma", self.gamma)
+        if self.alpha < 0:
+            raise ValueError(f"method.alpha should be >= 0, got {self.alpha}.")
+
+    def inert_fields(self) -> set[str]:
+        # One level: no children, no alignment term.
+        return super().inert_fields() | ({"gamma", "alpha", "tau", "proj_dim"} if self.levels == 1 else set())
+
+    def effective(self) -> dict[str, Any]:
+        out = super().effective()
+        out["level_sizes"] = list(self.level_sizes)[: self.levels]  # the sizes past `levels` are not used
+        return out
+
+
+@dataclasses.dataclass
+class MiMConfig(MultiLevelConfig):
+    """MiM's ``method`` section (``name: mim``)."""
+
+    # Range of the level-1 box's *volume* as a fraction of level_sizes[0]^3, drawn uniformly per
+    # training step (module docstring); [1.0, 1.0] turns it off. Not drawn at levels=1.
+    level1_scale: list[float] = dataclasses.field(default_factory=lambda: [0.2, 1.0])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.level1_scale) != 2 or not 0.0 < self.level1_scale[0] <= self.level1_scale[1] <= 1.0:
+            raise ValueError(f"method.level1_scale should be [lo, hi] with 0 < lo <= hi <= 1, got {self.level1_scale}.")
+
+    def inert_fields(self) -> set[str]:
+        return super().inert_fields() | ({"level1_scale"} if self.levels == 1 else set())
+
+
+@register_method("mim", config=MiMConfig)
 class MiM(MAE):
-    """MAE encoder/decoder shared by all levels, plus the two alignment projection heads."""
+    """MAE encoder/decoder shared by all levels, plus a query and a key head per level pair."""
 
     def __init__(self, config: RaymimConfig) -> None:
         super().__init__(config)
         m, mc = config.model, config.method
-        self.context_proj = ProjectionHead(m.hidden_size, mc.proj_dim)
-        self.token_proj = ProjectionHead(m.decoder_hidden_size, mc.proj_dim)
+        pairs = max(mc.levels - 1, 0)
+        self.query_heads = torch.nn.ModuleList(ProjectionHead(m.decoder_hidden_size, mc.proj_dim) for _ in range(pairs))
+        self.key_heads = torch.nn.ModuleList(ProjectionHead(m.decoder_hidden_size, mc.proj_dim) for _ in range(pairs))
         self.level_strategy = MiMLevels(m.img_size, m.patch_size, tuple(mc.level_sizes), mc.mask_ratio, mc.gamma,
                                         mc.levels, mc.mask_block)
         self._side_choices: dict[int, list[list[int]]] = {}  # smallest image side -> level1_side_choices
@@ -124,18 +219,20 @@ class MiM(MAE):
         return list(rec.latent.split(counts)), list(rec.pred.split(counts)), list(rec.feats.split(counts)), losses
 
     def forward_alignment(
-        self, child: MiMLevel, child_latent: torch.Tensor, parent_feats: torch.Tensor
+        self, pair: int, child: MiMLevel, child_feats: torch.Tensor, parent: MiMLevel, parent_feats: torch.Tensor
     ) -> torch.Tensor:
-        """InfoNCE between each level-(l+1) volume and the tokens of its level-l parent."""
+        """L_C between the level-``pair + 2`` volumes ``child`` and their level-``pair + 1``
+        parents: child decoder features [B n_c, L, dec], parent decoder features [B n_p, L, dec]
+        (detached here: keys carry no gradient into the parent branch)."""
         batch, n_child = child.parent.shape
         n_parent = parent_feats.shape[0] // batch
         device = parent_feats.device
-        parent = child.parent.to(device)
-        rows = (torch.arange(batch, device=device).unsqueeze(1) * n_parent + parent).flatten()
-        context = self.context_proj(child_latent.mean(dim=1))  # [B n_child, P]
-        keys = self.token_proj(parent_feats)[rows]  # [B n_child, L, P]
-        positive = child.parent_token.flatten().to(device)
-        return cross_level_infonce(context, keys, positive, self.config.method.tau)
+        grid = self.encoder.grid[0]
+        rows = (torch.arange(batch, device=device).unsqueeze(1) * n_parent + child.parent.to(device)).flatten()
+        query = self.query_heads[pair](child_feats.mean(dim=1))  # [B n_child, P]
+        keys = self.key_heads[pair](region_keys(parent_feats.detach(), grid, parent.block))[rows]  # [B n_child, R, P]
+        positive = parent_cube(child.parent_token.flatten().to(device), grid, parent.block)
+        return cross_level_infonce(query, keys, positive, self.config.method.tau)
 
     def hierarchy_output(self, batch: Mapping[str, Any], levels: list[MiMLevel]) -> MethodOutput:
         """MiM's loss, metrics (detached tensors) and panels for a level hierarchy of ``batch``."""
@@ -145,11 +242,11 @@ class MiM(MAE):
         for i, lv in enumerate(levels):
             metrics[f"loss_rec_l{i + 1}"] = rec_terms[i].detach()
             if i > 0:
-                align = self.forward_alignment(lv, latents[i], feats[i - 1])
+                align = self.forward_alignment(i - 1, lv, feats[i], levels[i - 1], feats[i - 1])
                 align_terms.append(align)
                 metrics[f"loss_align_l{i + 1}"] = align.detach()
-        loss_rec = torch.stack(rec_terms).mean()
-        loss_align = torch.stack(align_terms).mean() if align_terms else loss_rec.new_zeros(())
+        loss_rec = torch.stack(rec_terms).sum()  # reference: every level weighted 1, summed
+        loss_align = torch.stack(align_terms).sum() if align_terms else loss_rec.new_zeros(())
         loss = loss_rec + self.config.method.alpha * loss_align
         metrics.update(
             loss=loss.detach(),
@@ -194,4 +291,4 @@ class MiM(MAE):
         return self.hierarchy_output(batch, self.training_levels(batch))
 
 
-__all__ = ["MiM", "level1_side_choices"]
+__all__ = ["MiM", "MiMConfig", "MultiLevelConfig", "level1_side_choices", "region_keys"]

@@ -37,8 +37,7 @@ calls, not state set on the method.
 
 Example::
 
-    >>> cfg.method = MethodConfig(name="mps_ams", levels=1, mask_schedule="linear",
-    ...                           mask_ratio_start=0.5, mask_ratio_end=0.85)
+    >>> cfg.method = MPSAMSConfig(levels=1, mask_schedule="linear", mask_ratio_start=0.5, mask_ratio_end=0.85)
     >>> m = build_method("mps_ams", cfg); m.set_progress(50, 100)
     >>> float(m({"image": torch.rand(2, 1, 32, 32, 32)}).metrics["mask_ratio_target"])  # 0.675
 """
@@ -46,11 +45,12 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from raymim.config import RaymimConfig
+from raymim.config import RaymimConfig, check_choice, check_positive, check_range
 from raymim.masking.multilevel import level_box_sides
 from raymim.masking.selection import (
     centre,
@@ -62,11 +62,74 @@ from raymim.masking.selection import (
 )
 from raymim.masking.tokens import TokenMask
 from raymim.methods.base import MethodOutput, host_scalar, register_method
-from raymim.methods.mim import MiM
+from raymim.methods.mim import MiM, MultiLevelConfig
 from raymim.methods.strategies import MiMLevels, RatioSchedule, ScoredMasking
 
 
-@register_method("mps_ams")
+@dataclass
+class MPSAMSConfig(MultiLevelConfig):
+    """MPS-AMS's ``method`` section (``name: mps_ams``): the level fields (``levels: 1`` is MAE
+    with MPS-AMS masks), the AMS schedule and the MPS selection."""
+
+    # AMS (raymim.masking.schedules): ratio over training progress. "constant" uses mask_ratio;
+    # the others go from mask_ratio_start to mask_ratio_end (None: mask_ratio), holding the start
+    # ratio for the first mask_warmup fraction of training. Default: the paper's growing ratio,
+    # linear from 0.5 to mask_ratio.
+    mask_schedule: str = "linear"
+    mask_ratio_start: float | None = 0.5
+    mask_ratio_end: float | None = None
+    mask_warmup: float = 0.0
+    mask_stages: int = 4  # number of plateaus of the "step" schedule
+    # MPS (raymim.masking.selection). "online": clustering of the patch-to-patch similarity matrix
+    # of the current encoder's patch features, per volume; "prior": the shards' lesion_prob
+    # column; "none": AMS only.
+    mps_mode: str = "online"
+    mps_clusters: int = 4
+    # online clustering of the similarity matrix: "kmeans" (torch, on the training device) or
+    # scikit-learn's "agglomerative" / "spectral" (on the host: one synchronisation per step)
+    mps_algorithm: str = "kmeans"
+    mps_iters: int = 10  # k-means iterations
+    mps_features: str = "embed"  # online descriptors: "embed" (patch embedding) or "tokens" (encoder)
+    mps_share: float = 1.0  # at most this share of the masked tokens comes from the lesion cluster
+    mps_threshold: float = 0.5  # prior mode: lesion_prob >= threshold marks a lesion-cluster patch
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method.mask_schedule", self.mask_schedule, ("constant", "linear", "cosine", "step"))
+        for name in ("mask_ratio_start", "mask_ratio_end"):
+            if getattr(self, name) is not None:
+                check_range(f"method.{name}", getattr(self, name), 0.0, 1.0)
+        check_range("method.mask_warmup", self.mask_warmup, 0.0, 1.0, lo_open=False)
+        if self.mask_stages < 2:
+            raise ValueError(f"method.mask_stages should be >= 2, got {self.mask_stages}.")
+        check_choice("method.mps_mode", self.mps_mode, ("online", "prior", "none"))
+        if self.mps_clusters < 2:
+            raise ValueError(f"method.mps_clusters should be >= 2, got {self.mps_clusters}.")
+        check_choice("method.mps_algorithm", self.mps_algorithm, ("kmeans", "agglomerative", "spectral"))
+        check_positive("method.mps_iters", self.mps_iters)
+        check_choice("method.mps_features", self.mps_features, ("embed", "tokens"))
+        check_range("method.mps_share", self.mps_share, 0.0, 1.0, lo_open=False, hi_open=False)
+        check_range("method.mps_threshold", self.mps_threshold, 0.0, 1.0, hi_open=False)
+
+    def inert_fields(self) -> set[str]:
+        out = super().inert_fields()
+        schedule = {"mask_ratio_start", "mask_ratio_end", "mask_warmup", "mask_stages"}
+        if self.mask_schedule == "constant":
+            out |= schedule
+        else:
+            if self.mask_schedule != "step":
+                out.add("mask_stages")
+            if self.mask_ratio_start is not None and self.mask_ratio_end is not None:
+                out.add("mask_ratio")
+        mps = {"mps_clusters", "mps_algorithm", "mps_iters", "mps_features", "mps_share", "mps_threshold"}
+        out |= {"none": mps, "prior": {"mps_clusters", "mps_algorithm", "mps_iters", "mps_features"},
+                "online": {"mps_threshold"}}[self.mps_mode]
+        if self.mps_algorithm != "kmeans":
+            out.add("mps_iters")
+        return out
+
+
+@register_method("mps_ams", config=MPSAMSConfig)
 class MPSAMS(MiM):
     """MAE (``levels=1``) or MiM (``levels>1``) with MPS-selected masks at an AMS-scheduled ratio."""
 
@@ -161,4 +224,4 @@ class MPSAMS(MiM):
         return out
 
 
-__all__ = ["MPSAMS"]
+__all__ = ["MPSAMS", "MPSAMSConfig"]

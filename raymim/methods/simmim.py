@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,13 +32,18 @@ from raymim.config import RaymimConfig
 from raymim.masking.tokens import mask_to_volume, patchify, random_masking, unpatchify
 from raymim.methods.base import MethodOutput, PretrainMethod, register_method
 from raymim.methods.losses import denormalize_patches, masked_recon_loss, patch_targets
-from raymim.methods.mae import first_case_id, input_label, masked_visuals
+from raymim.methods.mae import MAEConfig, first_case_id, input_label, masked_visuals
 from raymim.methods.strategies import BlockMasking, MaskStrategy
 from raymim.models.heads import LinearHead, PixelShuffleHead
 from raymim.models.registry import build_encoder
 
 
-@register_method("simmim")
+@dataclass
+class SimMIMConfig(MAEConfig):
+    """SimMIM's ``method`` section (``name: simmim``): MAE's fields (``recon_loss="auto"`` is L1 here)."""
+
+
+@register_method("simmim", config=SimMIMConfig)
 class SimMIM(PretrainMethod):
     """SimMIM: ``forward_encoder`` (mask tokens) -> ``forward_decoder`` (head) -> ``forward_loss``."""
 
@@ -61,9 +67,8 @@ class SimMIM(PretrainMethod):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, m.hidden_size))
             self.head = LinearHead(m.hidden_size, m.patch_size**3 * m.in_channels)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        kind = config.method.recon_loss
-        self.loss_kind = "l1" if kind == "auto" else kind
-        mc = config.method
+        mc: SimMIMConfig = config.method
+        self.loss_kind = "l1" if mc.recon_loss == "auto" else mc.recon_loss
         self.mask_strategy: MaskStrategy = BlockMasking(self.grid, mc.mask_ratio, mc.mask_block)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ class MAEDecoder(nn.Module):
 
     forward(latent [N, K, in_dim], ids_restore [N, L]) -> (pred [N, L, out_dim], feats [N, L, hidden]).
     ``feats`` (the normalised decoder states) give features for masked positions, which MiM's
-    cross-level alignment needs.
+    cross-level alignment needs. ``fused_attention``: the blocks' attention through torch's
+    ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``; ``model.fused_attention``).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class MAEDecoder(nn.Module):
         num_layers: int = 4,
         num_heads: int = 12,
         out_dim: int = 16**3,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         if hidden_size % 6:
@@ -52,7 +54,9 @@ class MAEDecoder(nn.Module):
             warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
             self.pos_embed = build_sincos_position_embedding(list(grid), hidden_size, 3)  # fixed, [1, L, hidden]
         self.blocks = nn.ModuleList(
-            TransformerBlock(hidden_size, 4 * hidden_size, num_heads, 0.0, qkv_bias=True) for _ in range(num_layers)
+            TransformerBlock(hidden_size, 4 * hidden_size, num_heads, 0.0, qkv_bias=True,
+                             use_flash_attention=fused_attention)  # torch SDPA; same keys either way
+            for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size)
         self.pred = nn.Linear(hidden_size, out_dim)

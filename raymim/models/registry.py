@@ -17,7 +17,7 @@ from torch import nn
 from raymim.config import ModelConfig
 from raymim.models.convvit import ConvViTEncoder
 from raymim.models.swin import SwinEncoder
-from raymim.models.vit import ViTEncoder
+from raymim.models.vit import ViTEncoder, use_fused_attention
 
 BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {}
 
@@ -35,10 +35,11 @@ def register_backbone(name: str) -> Callable[[Callable[[ModelConfig], nn.Module]
 
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
-    """Build the encoder named by ``cfg.backbone``."""
+    """Build the encoder named by ``cfg.backbone``, its MONAI attention blocks fused or not as
+    ``cfg.fused_attention`` says (:func:`~raymim.models.vit.use_fused_attention`)."""
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model.backbone should be one of {tuple(sorted(BACKBONES))}, got {cfg.backbone!r}.")
-    return BACKBONES[cfg.backbone](cfg)
+    return use_fused_attention(BACKBONES[cfg.backbone](cfg), cfg.fused_attention)
 
 
 @register_backbone("vit")
@@ -67,6 +68,7 @@ def _convvit(cfg: ModelConfig) -> ConvViTEncoder:
         cfg.num_heads,
         tuple(cfg.conv_channels),
         cfg.dropout,
+        cfg.conv_depth,
     )
 
 

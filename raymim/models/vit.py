@@ -19,6 +19,15 @@ MONAI's key layout and loads into ``UNETR(...).vit`` with zero missing and unexp
 Mask tokens are owned by the pretraining method, not the encoder, so that nothing in this
 ``state_dict`` is foreign to MONAI.
 
+Fused attention (``fused_attention=True``, ``model.fused_attention``): every MONAI ``SABlock``
+computes softmax(q k^T / sqrt(d)) v with ``torch.nn.functional.scaled_dot_product_attention``
+(MONAI's own ``use_flash_attention`` path: one fused kernel on a GPU, flash / memory-efficient,
+instead of einsum + softmax + einsum and a materialised [N, heads, L, L] map). It changes no
+parameter and no key, so checkpoints of either setting load into the other. MONAI 1.6's ``ViT``
+constructor does not take the flag (its ``TransformerBlock`` does), so :func:`use_fused_attention`
+sets it on the built blocks. Deviation: a block with attention dropout > 0 keeps MONAI's einsum
+path, because MONAI passes its dropout rate to the fused kernel in eval mode too.
+
 Example::
 
     >>> enc = ViTEncoder(in_channels=1, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
@@ -30,9 +39,31 @@ Example::
 from __future__ import annotations
 
 import torch
+from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import ViT
+from monai.networks.nets.swin_unetr import WindowAttention
+from torch import nn
 
 from raymim.masking.tokens import gather_tokens
+
+
+def use_fused_attention(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch MONAI's attention blocks under ``module`` to (``enabled``) or from torch's fused
+    ``scaled_dot_product_attention``; returns ``module``. Weights and ``state_dict`` keys are unchanged.
+
+    * ``SABlock`` (ViT / ConvViT / MAE decoder blocks): fused unless the block keeps attention
+      weights (``save_attn``), has a relative position embedding, or drops attention weights
+      (``dropout_rate > 0``: MONAI's fused call applies that dropout in eval mode as well).
+    * Swin's ``WindowAttention``: MONAI 1.6 uses its fused path only with autograd off (probe,
+      inference, sliding-window evaluation); training steps stay on the einsum path there.
+    """
+    for sub in module.modules():
+        if isinstance(sub, SABlock):
+            sub.use_flash_attention = bool(enabled) and not sub.save_attn and sub.rel_positional_embedding is None \
+                and sub.dropout_rate == 0.0
+        elif isinstance(sub, WindowAttention):
+            sub.use_flash_attention = bool(enabled)
+    return module
 
 
 class TokenEncoderMixin:
@@ -97,6 +128,7 @@ class ViTEncoder(TokenEncoderMixin, ViT):
         num_layers: int = 12,
         num_heads: int = 12,
         dropout_rate: float = 0.0,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__(
             in_channels=in_channels,
@@ -116,6 +148,7 @@ class ViTEncoder(TokenEncoderMixin, ViT):
         self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.grid = (img_size // patch_size,) * 3
+        use_fused_attention(self.blocks, fused_attention)
 
     def embed_patches(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """[N, C, D, H, W] -> [N, L, D] patch embeddings in (d, h, w) order, no position."""

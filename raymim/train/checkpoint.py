@@ -34,11 +34,15 @@ class CheckpointMismatchError(RuntimeError):
 
 def model_config_hash(cfg: RaymimConfig) -> str:
     """Hash of what must match for a checkpoint to resume: model, method and train sections
-    (minus the fields that may legitimately change on resume: worker count, logging cadence)."""
+    (minus the fields that may legitimately change on resume: worker count, logging cadence, and
+    how the same weights are computed: fused attention, torch.compile)."""
     train = to_dict(cfg.train)
-    for key in ("num_workers", "use_gpu", "cpus_per_worker", "log_every", "max_failures", "keep_checkpoints"):
+    for key in ("num_workers", "use_gpu", "cpus_per_worker", "log_every", "max_failures", "keep_checkpoints",
+                "compile"):
         train.pop(key, None)
-    return config_hash({"model": to_dict(cfg.model), "method": to_dict(cfg.method), "train": train})
+    model = to_dict(cfg.model)
+    model.pop("fused_attention", None)
+    return config_hash({"model": model, "method": to_dict(cfg.method), "train": train})
 
 
 def write_checkpoint(path: str | Path, *, state: dict[str, Any], encoder_state: dict[str, torch.Tensor],

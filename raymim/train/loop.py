@@ -2,7 +2,9 @@
 
 One function, :func:`train_loop_per_worker`, runs on every worker of a ``TorchTrainer``. It
 builds the registered method, wraps it for DDP, streams crops from the ``"train"`` dataset shard
-and steps AdamW with warm-up + cosine, gradient accumulation, clipping and mixed precision.
+and steps AdamW with warm-up + cosine, gradient accumulation, clipping and mixed precision. With
+``train.compile`` each micro-step (forward + backward) runs through ``torch.compile``
+(:class:`CompiledStep`, eager fallback on a compile error).
 
 Checkpoints (every ``train.checkpoint_every`` optimiser steps and at the end) hold everything a
 resumed run needs to continue exactly: model, optimiser, scheduler, scaler, step, epoch, the
@@ -27,6 +29,7 @@ import tempfile
 import time
 import warnings
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +195,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = build_scheduler(opt, tc)
     scaler = build_scaler(precision, device)
 
+    def forward_backward(module: torch.nn.Module, batch: dict[str, Any]) -> Any:
+        with autocast(precision, device):
+            out = module(batch)
+        scaler.scale(out.loss / tc.accumulation).backward()
+        return out
+
+    micro_step = CompiledStep(model, forward_backward) if tc.compile else partial(forward_backward, model)
+
     step, epoch, consumed = 0, 0, 0
     best = float("inf")
     state, unrecorded = _restore_state(config.get("run_dir"), cfg)
@@ -244,9 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             method.set_progress(step, tc.steps)
             last_micro = len(outs) == tc.accumulation - 1
             with model.no_sync() if (world > 1 and not last_micro) else nullcontext():
-                with autocast(precision, device):
-                    out = model(batch)
-                scaler.scale(out.loss / tc.accumulation).backward()
+                out = micro_step(batch)
             outs.append(out)
             if not last_micro:
                 t_ready = time.perf_counter()
@@ -322,6 +331,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch += 1
             consumed = 0
     log.finish(method.encoder.state_dict() if rank == 0 else None)
+
+
+class CompiledStep:
+    """``step(batch)`` = ``fn(torch.compile(model), batch)``: a micro-step (forward, and the backward
+    that AOTAutograd compiled with it) through the compiled module, with an eager fallback.
+
+    ``torch.compile`` compiles lazily: the forward at its first call, the backward at the first
+    ``backward()``. A compile error (any ``torch._dynamo`` exception, Inductor's included) raised
+    in a micro-step that started with no gradients (the first of an accumulation window, as
+    ``zero_grad(set_to_none=True)`` leaves them) clears what it accumulated, runs that micro-step
+    eagerly and keeps eager from then on, with one warning line. Checkpoints keep reading the
+    uncompiled module's ``state_dict`` (no ``_orig_mod.`` prefix).
+    """
+
+    def __init__(self, model: torch.nn.Module, fn: Any, backend: str = "inductor") -> None:
+        import torch._dynamo.exc
+
+        self.model = model
+        self.fn = fn
+        self.errors = torch._dynamo.exc.TorchDynamoException
+        # Static shapes (batches are drop_last): without `dynamic=False` Dynamo turns a size that
+        # differs between two calls of one function (MiM's per-level masking) into a symbol, and
+        # tracing MiM then fails in `torch.rand` of that size.
+        self.compiled: torch.nn.Module | None = torch.compile(model, backend=backend, dynamic=False)
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        if self.compiled is None:
+            return self.fn(self.model, batch)
+        fresh = all(p.grad is None for p in self.model.parameters())
+        try:
+            return self.fn(self.compiled, batch)
+        except self.errors as exc:
+            if not fresh:  # gradients of earlier micro-steps would be counted twice
+                raise
+            cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error, when it has one
+            failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+        self.compiled = None
+        for p in self.model.parameters():
+            p.grad = None
+        out = self.fn(self.model, batch)  # an error of the step itself surfaces here, uncompiled
+        say(f"[raymim] warning: train.compile failed ({failure[:200]}); training eagerly")
+        return out
 
 
 class MetricWindow:

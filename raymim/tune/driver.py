@@ -17,7 +17,7 @@ ratio (``train.probe_ratio``): see :meth:`raymim.methods.base.PretrainMethod.pro
 
 Grid dimensions are expanded here, not by Tune, so that grid points that differ only in
 parameters the trial ignores (``mask_ratio_end`` under a constant schedule, ``mps_clusters``
-without MPS, ...: :func:`raymim.config.ignored_method_fields`) run once; the collapsed points
+without MPS, ...: the method config's :meth:`~raymim.config.MethodConfig.inert_fields`) run once; the collapsed points
 are printed and recorded on the sweep's run. Sampled dimensions (``choice``, ``uniform``, ...)
 stay Tune domains.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raymim.config import RaymimConfig, config_from_dict, flatten, to_dict, unflatten
+from raymim.config import RaymimConfig, config_from_dict, flatten, set_values, to_dict
 from raymim.train.tracking import find_run, log_params_flat, resolve_tracking_uri, run_status, setup_experiment
 from raymim.tune.report import OBJECTIVE  # validation Dice of the quick fine-tune
 
@@ -71,19 +71,17 @@ def param_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RaymimConfig:
-    """The base config with a trial's dotted-key params applied (validated like any config)."""
-    from raymim.config import _deep_merge
-
-    return config_from_dict(_deep_merge(base, unflatten(params)))
+    """The base config with a trial's dotted-key params applied (validated like any config; a
+    swept ``method.name`` keeps the base's fields the method owns, like ``--set``)."""
+    return config_from_dict(set_values(base, params))
 
 
 def experiment_key(cfg: RaymimConfig) -> str:
     """What a trial actually trains: every section but ``name`` / ``tune``, with the method's
-    ignored fields dropped. Two trials with one key are the same experiment."""
-    from raymim.config import effective_method
-
+    inert fields dropped (:meth:`~raymim.config.MethodConfig.effective`). Two trials with one key
+    are the same experiment."""
     tree = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "tune")}
-    tree["method"] = effective_method(cfg.method)
+    tree["method"] = cfg.method.effective()
     return json.dumps(tree, sort_keys=True, default=str)
 
 

@@ -230,14 +230,14 @@ def test_crop_stream_fresh_per_pass_and_reproducible(ray_session, phantoms, tmp_
 def test_mim_levels_come_out_at_the_reference_sizes():
     """A 192^3 train-time crop (mim.yaml) with the default level sizes: boxes of 192, 96 and 16
     voxels of the stored grid, each resized to the 96^3 network input."""
-    from raymim.config import MethodConfig
     from raymim.masking.multilevel import mim_levels
+    from raymim.methods.mim import MiMConfig
 
     vol = _volume((200, 196, 150))  # shorter than 192 along z: padded by the sampler
     (row,) = sample_crops(vol, CropSpec((192, 192, 192), k=1, seed=0), 0)
     assert row["image"].shape == (192, 192, 192)
     image = torch.from_numpy(row["image"].astype(np.float32))[None, None]
-    levels = mim_levels(image, 96, 16, MethodConfig().level_sizes, 0.6, 2, generator=torch.Generator().manual_seed(0))
+    levels = mim_levels(image, 96, 16, MiMConfig().level_sizes, 0.6, 2, generator=torch.Generator().manual_seed(0))
     sides = [{int(b[3] - b[0]) for b in lv.boxes.reshape(-1, 6)} for lv in levels]
     assert sides == [{192}, {96}, {16}]
     assert all(tuple(lv.volumes.shape[2:]) == (96, 96, 96) for lv in levels)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from export_fixtures import VIT, tiny_swin, tiny_vit
+from export_fixtures import CONVVIT, VIT, tiny_convvit, tiny_swin, tiny_vit
 
 from raymim.config import config_from_dict
 from raymim.train.checkpoint import write_checkpoint
@@ -24,4 +24,12 @@ def swin_checkpoint(tmp_path):
                                       "swin_window_size": 4, "swin_depths": [1, 1, 1, 1],
                                       "swin_heads": [3, 3, 3, 3]}, "finetune": {"norm_name": "batch"}})
     path = write_checkpoint(tmp_path / "swin_ckpt", state={}, encoder_state=enc.state_dict(), cfg=cfg, meta={})
+    return path, enc
+
+
+@pytest.fixture
+def convvit_checkpoint(tmp_path):
+    enc = tiny_convvit()
+    cfg = config_from_dict({"model": CONVVIT, "finetune": {"norm_name": "batch"}})
+    path = write_checkpoint(tmp_path / "convvit_ckpt", state={}, encoder_state=enc.state_dict(), cfg=cfg, meta={})
     return path, enc

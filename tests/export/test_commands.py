@@ -102,20 +102,18 @@ def test_export_refusals_name_what_would_work(vit_checkpoint, tmp_path, capsys):
     assert "is a file" in _refused([*base, "--format", "unetr"], capsys)
 
 
-def test_swin_bundle_size_and_convvit_are_refused(swin_checkpoint, tmp_path, capsys):
+def test_swin_bundle_size_and_convvit_formats_are_refused(swin_checkpoint, convvit_checkpoint, tmp_path, capsys):
     ckpt, _ = swin_checkpoint
     out = tmp_path / "out"
     line = _refused(["--checkpoint", str(ckpt), "--format", "monai-bundle", "--out", str(out), "--img-size", "48"],
                     capsys)
     assert "divisible by 32" in line and "--img-size 32 or 64" in line
-    cfg = config_from_dict({"model": {"backbone": "convvit", "img_size": 32, "patch_size": 8, "hidden_size": 48,
-                                      "mlp_dim": 96, "num_layers": 2, "num_heads": 4, "conv_channels": [8, 16]}})
-    from raymim.models import build_encoder
-
-    conv = write_checkpoint(tmp_path / "conv", state={}, encoder_state=build_encoder(cfg.model).state_dict(), cfg=cfg,
-                            meta={})
-    line = _refused(["--checkpoint", str(conv), "--format", "monai-bundle", "--out", str(out)], capsys)
-    assert "model.backbone='convvit'" in line and "raymim finetune" in line
+    conv, _ = convvit_checkpoint
+    line = _refused(["--checkpoint", str(conv), "--format", "unetr", "--out", str(out)], capsys)
+    assert "model.backbone='convvit'" in line and "--format monai-bundle" in line
+    line = _refused(["--checkpoint", str(conv), "--format", "monai-bundle", "--out", str(out), "--img-size", "36"],
+                    capsys)
+    assert "multiple of the patch size 8" in line and "--img-size 32 or 40" in line
     assert not out.exists()
 
 
@@ -178,3 +176,38 @@ def test_verify_metadata_uses_a_local_schema_without_download(vit_checkpoint, tm
     schema.write_text(json.dumps({"type": "object", "required": ["no_such_key"]}))
     with pytest.raises(ValueError):
         validate_bundle(out, schema_file=schema, check_network=False)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "swin", "convvit"])
+def test_every_backbone_round_trips_through_a_bundle_and_finetune(backbone, vit_checkpoint, swin_checkpoint,
+                                                                  convvit_checkpoint, tmp_path):
+    """pretrained encoder -> `raymim export --format monai-bundle` -> the bundle's own network_def and
+    model.pt: the encoder weights are the pretrained ones, unchanged, and the network `raymim finetune
+    --pretrained` builds (same loader) is the same architecture and gives the same output."""
+    from raymim.weights import ENCODER_PREFIX, load_encoder, load_pretrained
+
+    ckpt, enc = {"vit": vit_checkpoint, "swin": swin_checkpoint, "convvit": convvit_checkpoint}[backbone]
+    out = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "monai-bundle", "--out", str(out),
+                 "--num-classes", "2"]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert report["structure_ok"] and report["network_ok"]  # MONAI's verify_net_in_out ran on the bundle
+    infer = json.loads((out / "configs" / "inference.json").read_text())
+    net = build_bundle_network(infer["network_def"]).eval()
+    net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True), strict=True)
+    prefix = ENCODER_PREFIX[backbone]
+    bundled = {k[len(prefix):]: v for k, v in net.state_dict().items() if k.startswith(prefix)}
+    for key, value in enc.state_dict().items():
+        torch.testing.assert_close(bundled[key], value)  # every pretrained encoder weight, unchanged
+    # the fine-tuning side: load_pretrained + build_segmentation_network + load_encoder
+    state, cfg = load_pretrained(ckpt)
+    ours, p = build_segmentation_network(cfg.model, 2, (32, 32, 32), state, norm_name="batch")
+    assert p == prefix and load_encoder(ours, state, cfg.model, (32, 32, 32))["missing_encoder"] == []
+    ours.load_state_dict(net.state_dict(), strict=True)  # same architecture, key for key
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), net(x))
+    if backbone == "convvit":
+        meta = json.loads((out / "configs" / "metadata.json").read_text())
+        assert infer["network_def"]["_target_"] == "raymim.models.unetr.ConvViTUNETR"
+        assert "raymim" in meta["required_packages_version"]

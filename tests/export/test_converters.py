@@ -106,3 +106,31 @@ def test_swinunetr_round_trip_state_dict_and_load_from():
 
 def test_strip_prefixes():
     assert list(strip_prefixes({"module._orig_mod.encoder.x.y": 1})) == ["x.y"]
+
+
+def test_convvit_round_trip_zero_missing_same_output_and_layout():
+    """A ConvViT encoder state (wrapped as a method's checkpoint) fills raymim's ConvViT-UNETR with
+    zero missing encoder keys and the same encoding; its shape is read back from the weights."""
+    from export_fixtures import CONVVIT, tiny_convvit
+
+    from raymim.config import ModelConfig
+    from raymim.models.unetr import ConvViTUNETR
+    from raymim.weights import convvit_layout, convvit_unetr_args, load_encoder
+
+    enc = tiny_convvit(seed=2)
+    wrapped = {f"module.encoder.{k}": v for k, v in enc.state_dict().items()}
+    layout = convvit_layout(wrapped)
+    assert layout == {"num_layers": 2, "conv_channels": [8, 16], "conv_depth": 1, "hidden_size": 48, "mlp_dim": 96,
+                      "in_channels": 1}
+    scratch_cfg = ModelConfig(**{**CONVVIT, "num_layers": 5, "conv_channels": [4, 4], "conv_depth": 3})
+    net = ConvViTUNETR(**convvit_unetr_args(scratch_cfg, wrapped, 3, (32, 32, 32), norm_name="batch")).eval()
+    report = load_encoder(net, wrapped, scratch_cfg, (32, 32, 32))
+    assert report["missing_encoder"] == [] and report["loaded"] == len(enc.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(net.vit(X32)[0], enc(X32)[0])
+    # another ROI: the position embeddings are interpolated on the token grid, every key still loads
+    big = ConvViTUNETR(**convvit_unetr_args(scratch_cfg, wrapped, 3, (48, 48, 48), norm_name="batch"))
+    report = load_encoder(big, wrapped, scratch_cfg, (48, 48, 48))
+    assert report["interpolated"] and report["missing_encoder"] == []
+    with pytest.raises(EncoderKeyError, match="not a ConvViT"):
+        convvit_layout(tiny_vit().state_dict())

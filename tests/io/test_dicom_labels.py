@@ -155,15 +155,18 @@ def test_dicom_seg_on_the_series_grid_and_on_a_nifti_copy(series, tmp_path):
     nib.save(nib.Nifti1Image(volume, meta["affine"]), tmp_path / "ct.nii.gz")
     label, _, _ = read_dicom_label(path, tmp_path / "ct.nii.gz")
     assert np.array_equal(label, expect)
-    # A study folder (the series, this SEG and an RTSTRUCT): one case, both label objects skipped.
+    # A study folder (the series, this SEG and an RTSTRUCT, both referring to it): one case whose
+    # label is the first of them by name (the RTSTRUCT); the SEG is skipped, saying why.
     study = tmp_path / "study"
     shutil.copytree(folder, study)
     shutil.copy(path, study / path.name)
-    _rtstruct(study / f"RS.{generate_uid()}", headers, {"Liver": [(3, _square(headers[3], 1, 5, 1, 5))]})
+    rs = study / f"RS.{generate_uid()}"
+    _rtstruct(rs, headers, {"Liver": [(3, _square(headers[3], 1, 5, 1, 5))]})
     found = discover(study)
     assert [c["rel"] for c in found.cases] == ["."] and "series_files" not in found.cases[0]
-    assert sorted(s["rel"][:3] for s in found.skipped) == ["RS.", "SEG"]
-    assert any("DICOM-SEG" in s["reason"] for s in found.skipped)
+    assert found.cases[0]["label"] == str(rs)
+    assert [s["rel"][:3] for s in found.skipped] == ["SEG"]
+    assert "DICOM-SEG" in found.skipped[0]["reason"] and "another label object" in found.skipped[0]["reason"]
     reader = VolumeReader()
     assert reader.get_data(reader.read(str(study)))[0].shape == volume.shape
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from raymim.masking import crop_resize, cube_block, level_box_sides, mim_levels
+from raymim.masking.multilevel import parent_cube
 
 
 def _check_geometry(levels, grid: int) -> None:
@@ -39,7 +40,8 @@ def _check_geometry(levels, grid: int) -> None:
 def test_paper_shapes_geometry():
     g = torch.Generator().manual_seed(0)
     levels = mim_levels(torch.rand(2, 1, 96, 96, 96), 96, 16, [384, 96, 16], 0.6, 4, generator=g)
-    assert [lv.volumes.shape for lv in levels] == [(2, 1, 96, 96, 96), (8, 1, 96, 96, 96), (8, 1, 96, 96, 96)]
+    # gamma = 4 children per parent volume (the reference's sample_usual / sample_down): 1, 4, 16 per sample
+    assert [lv.volumes.shape for lv in levels] == [(2, 1, 96, 96, 96), (8, 1, 96, 96, 96), (32, 1, 96, 96, 96)]
     assert [lv.boxes[0, 0, 3] - lv.boxes[0, 0, 0] for lv in levels] == [96, 24, 4]
     for lv in levels:
         assert torch.all(lv.mask.mask.sum(1) == round(216 * 0.6))
@@ -53,7 +55,7 @@ def test_geometry_small_non_divisible(seed: int):
     """40x44x48 image (boxes 40, 16, 6, 2; token side 1.5 at level 3): fractional cube edges hold children."""
     g = torch.Generator().manual_seed(seed)
     levels = mim_levels(torch.rand(2, 1, 40, 44, 48), 32, 8, [40, 16, 6, 2], 0.7, 3, generator=g)
-    assert len(levels) == 4 and levels[3].volumes.shape == (6, 1, 32, 32, 32)
+    assert len(levels) == 4 and levels[3].volumes.shape == (2 * 27, 1, 32, 32, 32)
     _check_geometry(levels, 4)
 
 
@@ -112,3 +114,37 @@ def test_children_cover_every_fully_masked_cube(seed: int):
         assert full[cube].all()  # every child comes from a fully masked cube
         seen.update(int(c) for c in cube)
     assert len(seen) == cubes**3  # over draws, every cube is used (each is fully masked half the time)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gamma_children_per_parent_in_distinct_cubes_and_their_region(seed: int):
+    """Each parent volume has exactly gamma children (rows i * gamma ...), cut from distinct fully
+    masked cubes; parent_cube names the cube (region) that holds each child's box."""
+    g = torch.Generator().manual_seed(seed)
+    levels = mim_levels(torch.rand(2, 1, 96, 96, 96), 96, 16, [192, 96, 16], 0.6, 4, generator=g)
+    grid = 6
+    for parent, child in zip(levels, levels[1:]):
+        n_parent, k = parent.boxes.shape[1], parent.block
+        assert child.parent.shape == (2, n_parent * 4)
+        assert torch.equal(child.parent, torch.arange(n_parent).repeat_interleave(4).expand(2, -1))
+        region = parent_cube(child.parent_token, grid, k)  # [B, n gamma]
+        assert region.max() < (grid // k) ** 3
+        for b in range(2):
+            for i in range(n_parent):
+                mine = region[b, i * 4:(i + 1) * 4]
+                assert len(set(mine.tolist())) == 4  # distinct cubes of one parent
+                pbox, side = parent.boxes[b, i].tolist(), parent.side
+                for j, r in zip(range(i * 4, (i + 1) * 4), mine.tolist()):
+                    c = (r // (grid // k) ** 2, r // (grid // k) % (grid // k), r % (grid // k))
+                    cbox = child.boxes[b, j].tolist()
+                    for ax in range(3):  # the child's box lies in region r of its parent
+                        assert pbox[ax] + c[ax] * k * side / grid <= cbox[ax]
+                        assert cbox[ax + 3] <= pbox[ax] + (c[ax] + 1) * k * side / grid
+    assert levels[0].block == 3 and levels[1].block == 1  # 8 regions of 27 tokens, then single tokens
+
+
+def test_parent_cube_of_tokens():
+    # grid 4, block 2: token (d, h, w) = (3, 0, 2) lies in cube (1, 0, 1) of a 2^3 cube grid
+    tok = torch.tensor([3 * 16 + 0 * 4 + 2, 0])
+    assert parent_cube(tok, 4, 2).tolist() == [1 * 4 + 0 * 2 + 1, 0]
+    assert torch.equal(parent_cube(torch.arange(64), 4, 1), torch.arange(64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.config import ModelConfig, RaymimConfig, method_config
 
 # (method name, backbone) pairs the shared contract runs; a new method adds itself here.
 CASES = [
@@ -25,7 +25,8 @@ CASES = [
 
 
 def tiny_config(name: str, backbone: str = "vit", **method: object) -> RaymimConfig:
-    """ViT hidden 48 / 1 layer at 32^3 with patch 8 (64 tokens); MiM with 2 levels."""
+    """ViT hidden 48 / 1 layer at 32^3 with patch 8 (64 tokens); MiM / MPS-AMS with 2 levels.
+    ``method``: fields of method ``name``'s own config (another method's field is a ConfigError)."""
     model = ModelConfig(
         backbone=backbone,
         img_size=32,
@@ -43,9 +44,9 @@ def tiny_config(name: str, backbone: str = "vit", **method: object) -> RaymimCon
         swin_heads=[1, 1, 2, 2],
         conv_channels=[8, 16],
     )
-    kwargs: dict = {"name": name, "levels": 2, "level_sizes": [32, 16], "gamma": 2}
+    kwargs: dict = {"levels": 2, "level_sizes": [32, 16], "gamma": 2} if name in ("mim", "mps_ams") else {}
     kwargs.update(method)
-    return RaymimConfig(model=model, method=MethodConfig(**kwargs))
+    return RaymimConfig(model=model, method=method_config(name, **kwargs))
 
 
 def phantom(size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from raymim.methods import MethodOutput, PretrainMethod, build_method, list_methods
+from raymim.config import method_config
+from raymim.methods import MAEConfig, MethodOutput, PretrainMethod, build_method, list_methods, register_method
+from raymim.methods.base import registered_configs
 from raymim.train.schedule import autocast
 
 from .conftest import CASES, tiny_config
@@ -33,6 +35,20 @@ NO_OVERFIT = {"simclr"}
 def test_every_registered_method_has_a_case():
     assert {"mae", "simmim", "mim"} <= set(list_methods())
     assert set(list_methods()) <= {name for name, _ in CASES}
+
+
+def test_every_method_owns_its_config_class():
+    """One registered config class per method, whose defaults validate; build_method refuses
+    another method's section; a config class cannot serve two methods."""
+    configs = registered_configs()
+    assert set(configs) == set(list_methods()) and len(set(configs.values())) == len(configs)
+    for name, cls in configs.items():
+        assert cls().name == name and method_config(name) == cls()
+    with pytest.raises(ValueError, match="method 'mim' needs a MiMConfig method section, got MAEConfig"):
+        build_method("mim", tiny_config("mae"))
+    with pytest.raises(ValueError, match="MAEConfig is already the config of method 'mae'"):
+        register_method("mae2", config=MAEConfig)
+    assert "mae2" not in list_methods()
 
 
 @pytest.mark.parametrize("name,backbone", CASES)

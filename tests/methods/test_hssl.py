@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raymim.config import ConfigError
 from raymim.methods import build_method
 
 from .conftest import tiny_config
@@ -51,7 +52,9 @@ def test_hssl_has_no_reconstruction_term_by_default(volume: torch.Tensor):
 
 
 def test_simclr_is_plain_simclr(volume: torch.Tensor):
-    method = build_method("simclr", tiny_config("simclr", rec_weight=1.0))  # rec_weight means nothing to it
+    with pytest.raises(ConfigError, match="method.rec_weight is not a field of method 'simclr'"):
+        tiny_config("simclr", rec_weight=1.0)  # SimCLR has no reconstruction term to weigh
+    method = build_method("simclr", tiny_config("simclr"))
     out = method({"image": volume.repeat(2, 1, 1, 1, 1), "domain": ["a", "b"]})
     assert method.domain_head is None and method.decoder is None
     assert "loss_domain" not in out.metrics and "loss_rec" not in out.metrics

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymim.config import MethodConfig, ModelConfig
+from raymim.config import ModelConfig
 from raymim.masking.selection import lesion_token_mask
-from raymim.methods import build_method
+from raymim.methods import MPSAMSConfig, build_method
 
 from .conftest import tiny_config
 from .phantoms import lesion_masking_factor, phantom_batch
@@ -27,9 +27,9 @@ def test_schedule_drives_the_mask_ratio(volume: torch.Tensor):
 
 
 def test_the_default_ratio_grows_over_training(volume: torch.Tensor):
-    """MethodConfig's AMS default: linear from 0.5 to mask_ratio (MPS-AMS is not MPS alone)."""
+    """MPSAMSConfig's AMS default: linear from 0.5 to mask_ratio (MPS-AMS is not MPS alone)."""
     cfg = tiny_config("mps_ams", levels=1)
-    assert cfg.method.mask_schedule == MethodConfig().mask_schedule == "linear"
+    assert cfg.method.mask_schedule == MPSAMSConfig().mask_schedule == "linear"
     method = build_method("mps_ams", cfg)
     seen = []
     for step in (0, 10):

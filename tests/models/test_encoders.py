@@ -36,7 +36,8 @@ def test_vit_state_dict_loads_into_unetr():
     result = unetr.vit.load_state_dict(enc.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.rand(1, 1, 32, 32, 32)
-    assert torch.allclose(unetr.vit(x)[0], enc(x)[0])
+    # UNETR's blocks use MONAI's einsum attention, ours torch's fused kernel: equal to float rounding
+    torch.testing.assert_close(unetr.vit(x)[0], enc(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_swin_state_dict_loads_into_swinunetr():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from raymim.config import MethodConfig, ModelConfig, RaymimConfig
+from raymim.config import ModelConfig, RaymimConfig, method_config
 from raymim.methods import build_method
 from raymim.train.panels import orthogonal_slices, panel_figure, render_panel
 
@@ -129,7 +129,7 @@ def test_labels_case_id_and_fallbacks(close_figures):
 def _tiny(name: str, **method) -> RaymimConfig:
     model = ModelConfig(img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
                         decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
-    return RaymimConfig(model=model, method=MethodConfig(name=name, **method))
+    return RaymimConfig(model=model, method=method_config(name, **method))
 
 
 def test_mim_panel_rows_are_labelled_levels(tmp_path, close_figures):

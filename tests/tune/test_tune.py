@@ -108,8 +108,6 @@ def test_probe_does_not_depend_on_the_swept_hyperparameters(name, swept):
     model = dict(img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4,
                  decoder_hidden_size=48, decoder_layers=1, decoder_heads=4)
     extra = {"levels": 2, "level_sizes": [32, 16], "gamma": 2} if name in ("mim", "mps_ams") else {}
-    if name == "simclr":
-        extra["rec_weight"] = 0.0
     torch.manual_seed(0)
     a = build_method(name, config_from_dict({"model": model, "method": {"name": name, **extra}}))
     b = build_method(name, config_from_dict({"model": model, "method": {"name": name, **extra, **swept}}))
