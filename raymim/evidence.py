@@ -366,22 +366,19 @@ def pool_with_real_scans(phantom_manifest: Path, root: Path) -> Path:
     import csv
     import shutil
 
+    from raymim.atomic import atomic_write
+    from raymim.data.synth import write_manifest
+
     folder = phantom_manifest.parent
     with open(phantom_manifest, newline="") as f:
         rows = list(csv.DictReader(f))
-    (folder / "real").mkdir(exist_ok=True)
     for rel in REAL_POOL:
         dest = folder / "real" / rel.replace("/", "__")
         if not dest.exists():
-            shutil.copyfile(root / rel, dest.with_suffix(dest.suffix + ".part"))
-            dest.with_suffix(dest.suffix + ".part").rename(dest)
+            with atomic_write(dest) as tmp:
+                shutil.copyfile(root / rel, tmp)
         rows.append({"image": f"real/{dest.name}", "label": "", "report": "", "domain": "real-ct"})
-    manifest = folder / "pool.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "label", "report", "domain"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(folder / "pool.csv", rows)
 
 
 def real_task_records(root: Path) -> list[dict[str, str]]:

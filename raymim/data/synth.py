@@ -160,12 +160,20 @@ def generate_phantoms(out_dir: str | os.PathLike, cases: int, size: int = 64, se
             nib.save(nii, out / sub / name)
         rows.append({"image": f"images/{name}", "label": f"labels/{name}", "report": report,
                      "domain": f"site{site}"})
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "label", "report", "domain"])
+    return write_manifest(out / "manifest.csv", rows)
+
+
+MANIFEST_COLUMNS = ("image", "label", "report", "domain")
+
+
+def write_manifest(path: str | os.PathLike, rows: list[dict[str, str]]) -> Path:
+    """Write a phantom-style manifest (columns :data:`MANIFEST_COLUMNS`, paths relative to it)."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    return manifest
+    return path
 
 
 PHANTOMS_RECORD = "phantoms.json"
