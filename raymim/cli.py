@@ -149,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"raymim {name}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray" and not str(exc.name or "").startswith("ray."):
+            raise
+        print(f"raymim {name}: this needs Ray, which is not installed here (pip install -e . installs it; "
+              "prepare, pretrain, finetune and evidence run without it)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,7 @@ The experiment, in order (every step goes through the normal product path):
 2. **Pretraining.** The pool is prepared into shards (:func:`raymim.data.pipeline.prepare`, the
    first method's ``prepare`` section, resumable), then each method's ``jobs/configs/<method>-tiny.yaml`` (all share
    ``base-tiny.yaml``'s backbone) with the preset's budget (steps x batch, seed) through
-   :func:`raymim.train.trainer.pretrain` (Ray Train, MLflow), resumed when rerun.
+   :func:`raymim.train.trainer.pretrain` (Ray Train, or in this process without Ray; MLflow), resumed when rerun.
 3. **Fine-tuning.** :func:`raymim.downstream.evaluate.run_finetune` per encoder: the label
    fractions x seeds grid of pretrained and scratch cells, weights selected on validation cases,
    scored on the fixed test cases. Cells are reused by fingerprint, so a rerun continues where it
@@ -22,11 +22,17 @@ The experiment, in order (every step goes through the normal product path):
    class alone, a Dice-vs-fraction plot, all written to ``<out>/evidence.md`` (and with
    ``--results`` to ``bench/results/evidence_<date>.md``) and logged to one MLflow run.
 
-Presets: ``cpu`` is sized for about an hour on 2 CPU cores (not yet timed end to end), ``smoke``
-is the minutes-long shape the tests run, ``gpu`` is a larger budget for one accelerator. Not
-built yet: a path without Ray for the ``gpu`` preset (it needs Ray like every other command) and
-the real-data task (the shared data holds one labelled patient per class map, so it has no
-held-out test case of its own).
+Real data (``--real-data``, default ``../shared/data``): five unlabelled real CTs join the
+pretraining pool, and a real task (the TotalSegmentator example: its NIfTI CT to train, its DICOM
+series to test, spleen and liver) is fine-tuned and reported beside the phantom task.
+
+Presets: ``cpu`` is sized for about an hour on 2 CPU cores, ``smoke`` is the minutes-long shape
+the tests run, ``gpu`` is a budget for one accelerator (the shapes the CPU attempts pointed to).
+
+Without Ray (a GPU box where only torch, MONAI and MLflow are installed) the same command runs
+in one process: :func:`raymim.data.pipeline.prepare` in a pool of local processes,
+:func:`raymim.train.trainer.pretrain` through :class:`raymim.train.loop.LocalRuntime` (the same
+method, training step, checkpoints and resume) and fine-tuning in-process as always.
 """
 
 from __future__ import annotations
@@ -92,7 +98,15 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(),
-    "gpu": Preset(pool_cases=200, task_cases=60, pretrain_steps=3000, batch_size=8),
+    # One GPU, with or without Ray. Shapes from the CPU preset's second attempt (bench/RESULTS.md):
+    # 96^3 phantoms, patch 8 at a 32^3 input (lesions span several tokens), crops the size of the
+    # input; fine-tuning at least 300 steps a cell. Sized from the recorded H100 step times (MAE
+    # 74 ms, MiM 107 ms at batch 8: bench/results/gpu_h100_2026-11-23.md) for about ten minutes
+    # of pretraining in all; not yet timed end to end on a GPU.
+    "gpu": Preset(pool_cases=200, task_cases=60, size=96, pretrain_steps=1000, batch_size=8,
+                  overrides=("train.use_gpu=true", "finetune.use_gpu=true", "train.num_workers=1",
+                             "train.cpus_per_worker=4", "model.patch_size=8", "prepare.crop_size=[32,32,32]",
+                             "finetune.min_steps=300")),
     "smoke": Preset(methods=("mae",), pool_cases=6, task_cases=8, size=64, pretrain_steps=4, batch_size=2,
                     fractions=(0.5, 1.0), seeds=2, finetune_steps=2, val_fraction=0.25, test_fraction=0.25, real=False,
                     overrides=("train.num_workers=1", "train.checkpoint_every=4", "train.log_every=2",
@@ -110,7 +124,8 @@ def add_evidence_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config value of every pretraining and fine-tuning config "
                              "(e.g. --set model.num_layers=4; repeatable)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="budget: cpu (sized for about an hour on 2 cores; default), gpu, smoke (minutes; tests)")
+                        help="budget: cpu (sized for about an hour on 2 cores; default), gpu (one GPU; runs "
+                             "without Ray when Ray is not installed), smoke (minutes; tests)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per cell (preset default)")
@@ -411,11 +426,14 @@ def evidence(preset: Preset, out: Path, overrides: Sequence[str] = (), results: 
 
     t0 = time.time()
     from raymim.data.pipeline import prepare
-    from raymim.ray_session import ensure_ray, pretrain_log_settings
+    from raymim.ray_session import ensure_ray, pretrain_log_settings, ray_available
 
-    # one Ray session for the whole run, with the worker output pretraining prints (its step
-    # lines); prepare would otherwise start it without worker output
-    ensure_ray(**pretrain_log_settings())
+    if ray_available():
+        # one Ray session for the whole run, with the worker output pretraining prints (its step
+        # lines); prepare would otherwise start it without worker output
+        ensure_ray(**pretrain_log_settings())
+    else:
+        print("[evidence] Ray is not installed: preparing, pretraining and fine-tuning in this process", flush=True)
     pool_scans = _phantoms(out / "pool", preset.pool_cases, preset.size, seed=101)
     real_root = real_root or real_data_root(None)
     if preset.real:

@@ -38,6 +38,16 @@ def pretrain_log_settings() -> dict[str, Any]:
             "logging_level": os.environ.get("RAYMIM_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()}
 
 
+def ray_available() -> bool:
+    """Whether Ray can be imported here (``raymim pretrain`` and ``raymim evidence`` run without it,
+    in one process; the other commands need it)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def ensure_ray(*, log_to_driver: bool = True, logging_level: str | int | None = None) -> bool:
     """Initialise Ray unless it already is; returns whether this call started (or joined) a session."""
     import ray

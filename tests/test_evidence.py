@@ -1,5 +1,6 @@
 """``raymim evidence``: the paired-gain statistics on known differences, and one smoke-preset run
-end to end (real pretraining on Ray, real fine-tuning, MLflow), rerun to check it resumes."""
+end to end (real pretraining on Ray, real fine-tuning, MLflow), rerun to check it resumes; the
+same command in an interpreter where Ray cannot be imported (the GPU preset's Ray-less path)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +101,59 @@ def test_smoke_preset_end_to_end_then_resumes(ray_session, tmp_path, capsys):
     assert f"{n} of {n} cell(s) already finished" in out
     assert {p: p.stat().st_mtime_ns for p in cells} == stamps
     assert json.loads((tmp_path / "evidence.json").read_text())["rows"] == data["rows"]
+
+
+NO_RAY = """import sys
+
+
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoRay())
+"""
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_where_ray_cannot_be_imported(tmp_path):
+    """Every interpreter of the run (the command, prepare's spawned processes, the DataLoader's
+    workers) gets a ``sitecustomize`` that makes ``import ray`` fail, as on a box without Ray."""
+    import os
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_RAY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "RAYMIM_HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)
+    check = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "No module named 'ray'" in check.stderr
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "raymim.cli", "evidence", "--preset", "smoke", "--seeds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Ray is not installed" in proc.stdout and "(no Ray) device cpu" in proc.stdout
+    report = (out / "evidence.md").read_text()
+    assert "| 50% | scratch |" in report and "| 50% | mae |" in report
+    assert (out / "ray" / "evidence-mae" / "checkpoint_step00000004" / "encoder.pt").is_file()
+    rows = json.loads((out / "evidence.json").read_text())["rows"]
+    assert {(r["fraction"], r["init"]) for r in rows} == {(0.5, "scratch"), (0.5, "mae"), (1.0, "scratch"),
+                                                         (1.0, "mae")}
+    # a command that does need Ray says so in one line (exit 2)
+    tune = subprocess.run([sys.executable, "-m", "raymim.cli", "tune", "--config", "jobs/configs/tune-mim-tiny.yaml",
+                           "--data", str(out / "pool-shards"), "--labelled", str(out / "task" / "manifest.csv"),
+                           "--name", "t"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert tune.returncode == 2 and "needs Ray" in tune.stderr, tune.stderr[-2000:]
+    assert len(tune.stderr.strip().splitlines()) == 1, tune.stderr
+    # rerun: nothing is trained again
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of 4 cell(s) already finished" in again.stdout
+    assert json.loads((out / "evidence.json").read_text())["rows"] == rows
 
 
 def test_real_scans_join_the_pool_and_the_real_task_is_complete(shared_data, tmp_path):

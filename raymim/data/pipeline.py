@@ -14,7 +14,8 @@ task writes its own shards (temp name, then atomic rename) and returns only smal
 records. A batch whose worker dies (out of memory, a crash in a decoder, a lost node) is run
 again one case per task, so the case that brought it down is rejected alone; a case that runs
 longer than ``prepare.case_timeout_s`` (a hung decoder) is rejected "timed out", its worker killed,
-and the rest of its batch run again (:func:`_run_batches`). No crop is cut
+and the rest of its batch run again (:func:`_run_batches`). Without Ray (not installed), the
+same batches run in a pool of local processes (:func:`_run_batches_here`). No crop is cut
 here: training draws fresh crops from the stored volumes every pass (:mod:`raymim.data.crops`,
 :mod:`raymim.data.stream`).
 
@@ -64,7 +65,7 @@ from raymim.data.worker import case_descriptors, commit_statuses, prepare_batch,
 from raymim.io.deid import dataset_key, deid_key, keyed_id
 from raymim.io.discover import discover, discover_cases
 from raymim.io.operator_report import report_path, write_operator_report
-from raymim.ray_session import ensure_ray
+from raymim.ray_session import ensure_ray, ray_available
 
 __all__ = ["discover_cases", "prepare", "prior_model"]
 
@@ -127,15 +128,17 @@ def memory_plan(cases: list[dict[str, Any]], cfg: PrepareConfig) -> tuple[list[i
     """``(estimates, limit, node)``: each case's estimated bytes (None: no readable header; Ray
     tasks read the headers, in parallel), the most one case may need (``limit``: the largest
     node's ``memory`` resource, capped by ``prepare.max_case_memory_gb``) and that node's
-    resource (``node``, 0 when Ray reports none: then no task asks for memory)."""
-    import ray
-
-    node = largest_node_memory()
+    resource (``node``, 0 when Ray reports none or is not installed: then no task asks for memory)."""
+    node = largest_node_memory() if ray_available() else 0
     limit = node or (1 << 62)
     if cfg.max_case_memory_gb is not None:
         limit = min(limit, int(cfg.max_case_memory_gb * (1 << 30)))
     if not cases:
         return [], limit, node
+    if not ray_available():  # header reads only: fast enough in this process
+        return estimate_cases(cases, dataclasses.asdict(cfg)), limit, node
+    import ray
+
     chunk = max(16, math.ceil(len(cases) / (4 * _cluster_cpus())))
     task = ray.remote(estimate_cases).options(num_cpus=1, name=f"{TASK_NAME}-estimate")
     refs = [task.remote(cases[i:i + chunk], dataclasses.asdict(cfg)) for i in range(0, len(cases), chunk)]
@@ -276,6 +279,60 @@ def _run_batches(batches: list[tuple[list[dict[str, Any]], int | None]], ctx: di
     return statuses
 
 
+def _run_batches_here(batches: list[tuple[list[dict[str, Any]], int | None]], ctx: dict[str, Any], out: Path,
+                      progress: bool) -> list[dict[str, Any]]:
+    """:func:`_run_batches` without Ray: each batch runs :func:`prepare_batch` in a pool of
+    local processes (one per core, started with ``spawn``). A batch whose process died (which
+    breaks the pool, and fails every batch still in it) is run again one case per process, with
+    the cases committed so far marked done; a case that still breaks its pool is run once more
+    alone, and rejected if its process dies again.
+
+    Deviations from the Ray path: no per-case timeout (``prepare.case_timeout_s`` needs Ray's
+    task cancellation; a hung decoder hangs the run), no ``memory=`` requests (the pool runs
+    as many cases at once as there are cores) and one machine only."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm import tqdm
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state forked from this one
+    statuses: list[dict[str, Any]] = []
+    bar = tqdm(total=sum(len(c) for c, _ in batches), unit="case", desc="prepare", disable=not progress,
+               file=sys.stderr)
+
+    def run(todo: list[list[dict[str, Any]]], context: dict[str, Any], workers: int) -> list[list[dict[str, Any]]]:
+        broken: list[list[dict[str, Any]]] = []
+        with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+            futures = {pool.submit(prepare_batch, [json.dumps(c) for c in cases], context): cases for cases in todo}
+            for fut in as_completed(futures):
+                try:
+                    got = fut.result()
+                except BrokenProcessPool:
+                    broken.append(futures[fut])
+                    continue
+                statuses.extend(got)
+                bar.update(len(got))
+        return broken
+
+    def fresh() -> dict[str, Any]:  # the context with every case committed so far marked done
+        return dict(ctx, done=sorted(_done(shard_io.load_commits(out))))
+
+    todo = [cases for cases, _ in batches]
+    broken = run(todo, ctx, min(len(todo), _cluster_cpus())) if todo else []
+    singles = [[c] for cases in broken for c in cases]
+    broken = run(singles, fresh(), min(len(singles), _cluster_cpus())) if singles else []
+    for cases in broken:  # alone this time: only the case that kills its process fails
+        if run([cases], fresh(), 1):
+            got = [_driver_status(cases[0], ctx, "the process preparing it died (out of memory or a crash while "
+                                  "decoding)")]
+            commit_statuses(got, ctx)
+            statuses.extend(got)
+            bar.update(1)
+    bar.close()
+    return statuses
+
+
 def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, Any], out: Path | None,
                  progress: bool = True) -> dict[str, Any] | None:
     """The MPS prior's population model (``prepare.prior_scope="population"``), as a dict for the tasks.
@@ -304,7 +361,11 @@ def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, 
     if progress:
         print(f"fitting the MPS lesion prior on {len(sample)} of {len(cases)} cases", file=sys.stderr)
     descs = []
-    if sample:  # one Ray task per volume, asking for its memory (cases too large for any node left out)
+    if sample and not ray_available():  # in this process, one volume at a time
+        estimates, limit, _ = memory_plan(sample, cfg)
+        found = [case_descriptors(c, ctx) for c, e in zip(sample, estimates, strict=True) if e is None or e <= limit]
+        descs = [d.reshape(-1, d.shape[-1]) for d in found if d is not None and len(d)]
+    elif sample:  # one Ray task per volume, asking for its memory (cases too large for any node left out)
         import ray
 
         estimates, limit, node = memory_plan(sample, cfg)
@@ -328,6 +389,8 @@ def prior_model(cases: list[dict[str, Any]], cfg: PrepareConfig, ctx: dict[str, 
 
 
 def _cluster_cpus() -> int:
+    if not ray_available():
+        return max(1, os.cpu_count() or 1)
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -412,7 +475,8 @@ def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwri
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     done = _done(previous)
-    ensure_ray(log_to_driver=False)
+    if ray_available():
+        ensure_ray(log_to_driver=False)
     ctx = _context(cfg, key, out, keep_paths, done, labels)
     ctx["prior_model"] = prior_model(cases, cfg, ctx, out, progress)
     # Inputs known bad before reading (missing, escaping, not a file): rejected here, no task.
@@ -424,7 +488,7 @@ def _prepare(input: str | os.PathLike, out: Path, cfg: PrepareConfig, *, overwri
                                       limit, node)
     big = [_driver_status(c, ctx, too_large_reason(e, limit, node, cfg)) for c, e in too_large]
     commit_statuses(big, ctx)
-    statuses += big + _run_batches(batches, ctx, out, progress)
+    statuses += big + (_run_batches if ray_available() else _run_batches_here)(batches, ctx, out, progress)
     replaced = _replace_changed(out, cases, statuses)
     summary, rejected = _finish(out, cfg, cases, statuses, run_hash, keep_paths, max_rejected, start, labels)
     operator = write_operator_report(report_file, found, statuses, rejected)

@@ -49,7 +49,7 @@ READ_COLUMNS = ["case_id", "domain", "modality", "report", "spacing"]
 # Methods whose targets depend on where a patch is in the crop: no spatial augmentation.
 POSITIONAL_METHODS = frozenset({"medim"})
 
-__all__ = ["crop_batch", "crop_stream", "epoch_items", "stream_spec", "volume_crops"]
+__all__ = ["crop_batch", "crop_stream", "epoch_items", "local_batches", "stream_spec", "volume_crops"]
 
 
 def stream_spec(data: str, cfg: RaymimConfig, exclude: set[str] | frozenset[str] = frozenset(),
@@ -136,6 +136,11 @@ def crop_batch(batch: dict[str, np.ndarray], spec: dict[str, Any], owner: Any = 
     rows = [r for i in range(n) for r in volume_crops({k: v[i] for k, v in batch.items()}, spec, copy=False)]
     if not rows:
         return {"image": np.zeros((0, *spec["crop"]["size"]), np.float16)}
+    return _columns(rows)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Crop rows as one numpy batch of columns (tensor columns stacked, text as object arrays)."""
     out: dict[str, np.ndarray] = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
@@ -172,6 +177,58 @@ def crop_stream(spec: dict[str, Any], epoch: int, rank: int = 0, world: int = 1,
     # ("memory"): it lowers the peaks but does not make them flat in the run's length yet.
     opts.resource_limits = opts.resource_limits.copy(object_store_memory=READ_AHEAD_MB << 20)
     return ds
+
+
+class _VolumeItems:
+    """Map-style dataset for :func:`local_batches`: item ``i`` is the crop rows of one volume."""
+
+    def __init__(self, items: list[dict[str, Any]], spec: dict[str, Any]) -> None:
+        self.items, self.spec = items, spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return volume_crops(self.items[i], self.spec)
+
+
+def _as_is(rows: Any) -> Any:  # the DataLoader's collate: keep a volume's rows as numpy
+    return rows
+
+
+def local_batches(spec: dict[str, Any], epoch: int, batch_size: int, passes_per_epoch: int = 1,
+                  shuffle_buffer: int = 8, shuffle_seed: int = 0, workers: int = 0) -> Any:
+    """Without Ray: the numpy batches of iterator pass ``epoch`` for a single worker (rank 0 of 1).
+
+    The same ``(pass, volume)`` items, crops and augmentation as :func:`crop_stream` (read by a
+    ``torch`` DataLoader, ``workers`` processes, in order), then a local shuffle buffer seeded by
+    ``shuffle_seed`` and batches of ``batch_size`` rows (the last partial one dropped), so a
+    resumed run skips exactly the batches it trained on. Deviation from ``iter_torch_batches``'
+    local shuffle: the buffer draws with numpy's generator, so the row order within a pass is not
+    the one Ray Data would give (both are deterministic)."""
+    import torch
+    import torch.utils.data
+
+    items = epoch_items(spec, epoch, 0, 1, passes_per_epoch)
+    loader = torch.utils.data.DataLoader(_VolumeItems(items, spec), batch_size=None, shuffle=False,
+                                         num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=2 if workers else None,
+                                         # its own generator: the loader's base seed must not draw from
+                                         # torch's global RNG, which the checkpoints restore (masks)
+                                         generator=torch.Generator().manual_seed(int(shuffle_seed)))
+    rng = np.random.default_rng([int(shuffle_seed) & 0xFFFFFFFF, 0xB0F])
+    buf: list[dict[str, Any]] = []
+
+    def draw() -> dict[str, np.ndarray]:
+        picks = sorted(rng.choice(len(buf), size=batch_size, replace=False).tolist(), reverse=True)
+        return _columns([buf.pop(i) for i in picks])
+
+    for rows in loader:
+        buf += rows
+        while len(buf) >= max(shuffle_buffer, batch_size) + batch_size:
+            yield draw()
+    while len(buf) >= batch_size:
+        yield draw()
 
 
 def _cpus() -> int:

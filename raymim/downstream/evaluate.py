@@ -177,6 +177,12 @@ def run_finetune(
            "num_classes": num_classes, "steps": steps, "cells": todo, "val_ids": split.val, "test_ids": split.test,
            "overlay_ids": overlay_ids, "out_dir": str(out)}
     engine = engine or ft.engine
+    if engine == "ray":
+        from raymim.ray_session import ray_available
+
+        if not ray_available():  # the same cells, one after another in this process
+            print("[raymim] fine-tune: Ray is not installed; training the cells in this process", flush=True)
+            engine = "local"
     if todo and engine == "ray":
         _fit_with_ray_train(job, cfg, out)
     elif todo:

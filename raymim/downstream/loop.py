@@ -112,14 +112,21 @@ def layer_decay_groups(net: torch.nn.Module, prefix: str, lr: float, weight_deca
     return list(groups.values())
 
 
+def cell_device(cfg: RaymimConfig) -> torch.device:
+    """Where fine-tuning cells train: the GPU with ``finetune.use_gpu`` when there is one, else the CPU."""
+    return torch.device("cuda" if cfg.finetune.use_gpu and torch.cuda.is_available() else "cpu")
+
+
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], sw_batch_size: int = 2,
                    overlap: float = 0.25) -> torch.Tensor:
-    """Full-volume label map ``[X, Y, Z]`` (uint8) by MONAI sliding-window inference."""
+    """Full-volume label map ``[X, Y, Z]`` (uint8, on the CPU) by MONAI sliding-window inference:
+    the windows run where ``net`` is, the volume and its stitched logits stay on the CPU."""
     from monai.inferers import sliding_window_inference
 
+    device = next(net.parameters()).device
     with torch.no_grad():
         logits = sliding_window_inference(image[None].float(), tuple(roi), sw_batch_size, net, overlap=overlap,
-                                          mode="gaussian")
+                                          mode="gaussian", sw_device=device, device=torch.device("cpu"))
     logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
     return logits.argmax(1)[0].to(torch.uint8)
 
@@ -185,6 +192,8 @@ def train_cell(
         load_report = load_encoder(net, encoder_state, cfg.model, roi)
     if ft.freeze_encoder:
         freeze_encoder(net, prefix)
+    device = cell_device(cfg)
+    net.to(device)
     # Layer decay applies to a pretrained encoder; the scratch twin trains every layer at `lr`.
     decay = ft.layer_decay if cell["init"] == "pretrained" else 1.0
     groups = layer_decay_groups(net, prefix, ft.lr, ft.weight_decay, decay)
@@ -209,7 +218,7 @@ def train_cell(
             crop = transform({"image": case["image"], "label": case["label"]})[0]
             xs.append(torch.as_tensor(crop["image"]))
             ys.append(torch.as_tensor(crop["label"]))
-        x, y = torch.stack(xs).float(), torch.stack(ys).long()
+        x, y = torch.stack(xs).float().to(device), torch.stack(ys).long().to(device)
         loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

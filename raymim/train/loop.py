@@ -1,8 +1,12 @@
-"""The Ray Train per-worker pretraining loop.
+"""The per-worker pretraining loop, on Ray Train or (without Ray) in one process.
 
-One function, :func:`train_loop_per_worker`, runs on every worker of a ``TorchTrainer``. It
-builds the registered method, wraps it for DDP, streams crops from the ``"train"`` dataset shard
-and steps AdamW with warm-up + cosine, gradient accumulation, clipping and mixed precision. With
+:func:`run_loop` is the loop; :func:`train_loop_per_worker` runs it on every worker of a
+``TorchTrainer`` (:class:`RayRuntime`), and ``raymim pretrain`` runs it in its own process when Ray
+is not installed (:class:`LocalRuntime`: same method, micro-step, optimiser, checkpoints and
+resume; crops from :func:`raymim.data.stream.local_batches`).
+
+The loop builds the registered method, wraps it for DDP, streams crops and steps AdamW with
+warm-up + cosine, gradient accumulation, clipping and mixed precision. With
 ``train.compile`` each micro-step (forward + backward) runs through ``torch.compile``
 (:class:`CompiledStep`, eager fallback on a compile error).
 
@@ -35,7 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
+
+try:  # Ray Data picks the batch format from the collate function's class
+    from ray.data.collate_fn import NumpyBatchCollateFn
+except ImportError:  # without Ray (raymim.train.loop.LocalRuntime) the class is only a callable
+    NumpyBatchCollateFn = object  # type: ignore[assignment,misc]
 
 from raymim.config import RaymimConfig, config_from_dict
 from raymim.data.stream import crop_stream
@@ -95,21 +103,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                      None if np.isnan(gauss) else gauss))
 
 
-def _restore_state(run_dir: str | None, cfg: RaymimConfig) -> tuple[dict[str, Any] | None, Path | None]:
+def _restore_state(run_dir: str | None, cfg: RaymimConfig,
+                   recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest of Ray Train's latest checkpoint and the checkpoints found in ``run_dir`` (local
     storage), so a checkpoint that reached storage just before a worker or the driver died, but
     that Ray Train had not recorded yet, still counts. Unreadable (partly copied) ones are skipped.
 
     Returns ``(state, unrecorded)``: ``unrecorded`` is the folder of the restored checkpoint when
     it is one Ray Train's run snapshot does not list (else ``None``); :func:`_record_restored`
-    reports it so Ray Train keeps and prunes it like the checkpoints it recorded itself."""
-    import ray.train
-
+    reports it so Ray Train keeps and prunes it like the checkpoints it recorded itself.
+    ``recorded``: the state of Ray Train's latest checkpoint (:meth:`RayRuntime.recorded_state`)."""
     states: list[tuple[dict[str, Any], Path | None]] = []
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            states.append((ckpt.read_state(d, cfg), None))
+    if recorded is not None:
+        states.append((recorded, None))
     on_disk = sorted(Path(run_dir).glob("checkpoint_step*"), reverse=True) if run_dir else []
     for d in on_disk:
         if states and int(states[0][0]["step"]) >= int(d.name.removeprefix("checkpoint_step") or 0):
@@ -166,31 +172,153 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``config``: ``{"cfg": <nested RaymimConfig dict>, "mlflow_uri": str | None,
     "mlflow_run_id": str | None}``.
     """
-    import ray.train
-    import ray.train.torch
+    run_loop(config, RayRuntime())
 
+
+class RayRuntime:
+    """What :func:`run_loop` asks of Ray Train on a worker: its rank, device, DDP wrapping, object
+    refs, the crop stream's batches, the restored checkpoint and the checkpoint reports."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def where(self) -> str:
+        import ray
+
+        return f"node {ray.get_runtime_context().get_node_id()}"
+
+    def wrap(self, method: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world == 1:
+            return method.to(device)
+        return ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def get(self, ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref)
+
+    def recorded_state(self, cfg: RaymimConfig) -> dict[str, Any] | None:
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return None
+        with restored.as_directory() as d:
+            return ckpt.read_state(d, cfg)
+
+    def record_restored(self, unrecorded: Path | None, state: dict[str, Any] | None, device: torch.device) -> None:
+        _record_restored(unrecorded, state, self.rank, self.world, device)
+
+    def batches(self, stream: dict[str, Any], epoch: int, per_pass: int, tc: Any, driver: Any) -> Any:
+        return crop_stream(stream, epoch, self.rank, self.world, per_pass, driver).iter_torch_batches(
+            batch_size=tc.batch_size, collate_fn=BatchCollate(), drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=max(4 * tc.batch_size, 8), local_shuffle_seed=tc.seed * 1000 + epoch,
+        )
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint=None)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_dir_name=dir_name)
+
+
+class LocalRuntime:
+    """:func:`run_loop` in this process, without Ray (``raymim pretrain`` when Ray is not installed;
+    the GPU evidence preset): one worker, the crops of :func:`raymim.data.stream.local_batches`,
+    checkpoints copied to ``run_dir/checkpoint_step<N>`` (atomically: written beside it, then
+    renamed) and the ``keep`` newest kept, which is the layout Ray Train writes, so
+    :func:`_restore_state` resumes from it the same way.
+
+    Deviations from the Ray path: a single worker (``train.num_workers`` is not used), no restart
+    on failure (``train.max_failures``: rerun the command, it resumes), no Tune callbacks."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: str, keep: int, use_gpu: bool, workers: int) -> None:
+        self.run_dir, self.keep, self.use_gpu, self.workers = Path(run_dir), keep, use_gpu, workers
+        self.latest: Path | None = None
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+
+    def where(self) -> str:
+        import platform
+
+        return f"host {platform.node()} (no Ray)"
+
+    def wrap(self, method: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return method.to(device)
+
+    def get(self, value: Any) -> Any:
+        return value
+
+    def recorded_state(self, cfg: RaymimConfig) -> dict[str, Any] | None:
+        return None  # the on-disk checkpoints are all there is (_restore_state reads them)
+
+    def record_restored(self, unrecorded: Path | None, state: dict[str, Any] | None, device: torch.device) -> None:
+        if unrecorded is not None:
+            self.latest = unrecorded
+
+    def batches(self, stream: dict[str, Any], epoch: int, per_pass: int, tc: Any, driver: Any) -> Any:
+        from raymim.data.stream import local_batches
+
+        collate = BatchCollate()
+        for batch in local_batches(stream, epoch, tc.batch_size, per_pass, shuffle_buffer=max(4 * tc.batch_size, 8),
+                                   shuffle_seed=tc.seed * 1000 + epoch, workers=self.workers):
+            yield collate(batch)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, dir_name: str | None) -> None:
+        if checkpoint_dir is None:
+            return
+        dest = self.run_dir / str(dir_name)
+        part = self.run_dir / f".tmp-{dir_name}"
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, part)
+        shutil.rmtree(dest, ignore_errors=True)
+        part.rename(dest)
+        self.latest = dest
+        if self.keep:
+            for old in sorted(self.run_dir.glob("checkpoint_step*"))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def run_loop(config: dict[str, Any], rt: RayRuntime | LocalRuntime) -> None:
+    """The pretraining loop of one worker; ``rt`` (:class:`RayRuntime` or :class:`LocalRuntime`)
+    is everything that differs between a Ray Train worker and a Ray-less process."""
     from raymim.methods import build_method
     from raymim.train.reporting import RankZeroLogger
 
     cfg = config_from_dict(config["cfg"])
     tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(os.environ.get("RAYMIM_THREADS", round(tc.cpus_per_worker) or 1))))
-    device = ray.train.torch.get_device()
-    import ray
+    rank, world = rt.rank, rt.world
+    # a Ray worker uses the CPUs it was given; a Ray-less process keeps torch's default (all cores)
+    threads = os.environ.get("RAYMIM_THREADS")
+    if threads is None and isinstance(rt, RayRuntime):
+        threads = round(tc.cpus_per_worker) or 1
+    if not torch.cuda.is_available() and threads:
+        torch.set_num_threads(max(1, int(threads)))
+    device = rt.device()
 
     # One line per rank, so job output shows where the workers ran (multi-node checks read it).
-    say(f"[raymim] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
-        f"device {device}")
+    say(f"[raymim] rank {rank}/{world} on {rt.where()} device {device}")
     precision = resolve_precision(tc.precision, device)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     method = build_method(cfg.method.name, cfg)
-    model = ray.train.torch.prepare_model(
-        method, parallel_strategy_kwargs={"find_unused_parameters": True}
-    ) if world > 1 else method.to(device)
+    model = rt.wrap(method, device)
     opt = build_optimizer(method, tc, world)
     sched = build_scheduler(opt, tc)
     scaler = build_scaler(precision, device)
@@ -205,7 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     step, epoch, consumed = 0, 0, 0
     best = float("inf")
-    state, unrecorded = _restore_state(config.get("run_dir"), cfg)
+    state, unrecorded = _restore_state(config.get("run_dir"), cfg, rt.recorded_state(cfg))
     restored = state is not None
     if state is not None:
         method.load_state_dict(state["model"])
@@ -220,16 +348,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         np.random.seed(tc.seed + rank)
         torch.manual_seed(tc.seed + rank)  # different masks per rank (crops are augmented in the stream)
 
-    _record_restored(unrecorded, state, rank, world, device)
+    rt.record_restored(unrecorded, state, device)
 
     probe = None
     if config.get("probe") is not None and rank == 0:
-        probe = torch.as_tensor(ray.get(config["probe"])).float().unsqueeze(1)  # [N, 1, D, H, W] on the host
+        probe = torch.as_tensor(rt.get(config["probe"])).float().unsqueeze(1)  # [N, 1, D, H, W] on the host
     log = RankZeroLogger(rank, config.get("mlflow_uri"), config.get("mlflow_run_id"), cfg, config.get("best_dir"),
                          step_lines=config.get("console", "lines") == "lines")
     if not restored:
         log.note_start()
-    stream = ray.get(config["stream"])  # raymim.data.stream spec: this worker builds its crop stream per pass
+    stream = rt.get(config["stream"])  # raymim.data.stream spec: this worker builds its crop stream per pass
     per_pass = int(config.get("epochs_per_pass", 1))  # `epoch` below counts iterator passes
     samples_per_step = effective_batch(tc, world)
     # Metrics stay tensors on the device between logs: a float() of a loss every step would wait for
@@ -239,10 +367,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     interval_loss, interval_n = None, 0  # summed step losses since the last checkpoint (a tensor)
 
     while step < tc.steps:
-        batches = crop_stream(stream, epoch, rank, world, per_pass, config.get("driver")).iter_torch_batches(
-            batch_size=tc.batch_size, collate_fn=BatchCollate(), drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=max(4 * tc.batch_size, 8), local_shuffle_seed=tc.seed * 1000 + epoch,
-        )
+        batches = rt.batches(stream, epoch, per_pass, tc, config.get("driver"))
         seen, outs, wait = 0, [], 0.0
         t_ready = time.perf_counter()
         for batch in batches:
@@ -317,7 +442,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     extra["probe_loss"] = probe_score(method, probe, cfg, device)
                     log.metrics(extra, step)
                 _save_and_report(method, opt, sched, scaler, cfg, step, epoch, consumed, best, score,
-                                 is_best, rank, world, log, extra, config.get("data"))
+                                 is_best, rt, log, extra, config.get("data"))
             if step >= tc.steps:
                 break
             t_ready = time.perf_counter()
@@ -447,14 +572,12 @@ def probe_score(method, probe: torch.Tensor, cfg: RaymimConfig, device: torch.de
 
 
 def _save_and_report(method, opt, sched, scaler, cfg: RaymimConfig, step: int, epoch: int, consumed: int,
-                     best: float, score: float, is_best: bool, rank: int, world: int, log,
+                     best: float, score: float, is_best: bool, rt: RayRuntime | LocalRuntime, log,
                      extra: dict[str, float] | None = None, data: str | None = None) -> None:
-    import ray.train
-
-    rngs = _gather_rng(world)
+    rngs = _gather_rng(rt.world)
     metrics = {"step": step, "epoch": epoch, "loss": score, "best_loss": best, **(extra or {})}
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+    if rt.rank != 0:
+        rt.report(metrics, None, None)
         return
     state = {
         "model": method.state_dict(),
@@ -476,5 +599,4 @@ def _save_and_report(method, opt, sched, scaler, cfg: RaymimConfig, step: int, e
         ckpt.write_checkpoint(tmp, state=state, encoder_state=method.encoder.state_dict(), cfg=cfg, meta=meta)
         if is_best:
             log.best(tmp, step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
+        rt.report(metrics, tmp, f"checkpoint_step{step:08d}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from raymim.config import RaymimConfig, flatten, to_dict
+from raymim.config import ConfigError, RaymimConfig, flatten, to_dict
 from raymim.train.checkpoint import META_FILE, CheckpointMismatchError, model_config_hash
 from raymim.train.progress import StepBar, wants_bar
 from raymim.train.tracking import (
@@ -239,27 +239,32 @@ def _fit(trainer: Any) -> Any:
 
 def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str | None = None,
              extra_callbacks: list[Any] | None = None, parent_run_id: str | None = None) -> PretrainResult:
-    """Run (or resume) a pretraining run on a Ray cluster (a local one is started on demand).
+    """Run (or resume) a pretraining run on a Ray cluster (a local one is started on demand), or,
+    when Ray is not installed, in this process (:class:`raymim.train.loop.LocalRuntime`: one
+    worker, prepared shards only, the same loop, checkpoints and resume).
 
     ``extra_callbacks``: Ray Train callbacks (Tune passes ``TuneReportCallback``);
     ``parent_run_id``: nest the MLflow run under this one (a sweep's parent run).
     """
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from raymim.ray_session import ensure_ray, pretrain_log_settings, ray_available
 
-    from raymim.ray_session import ensure_ray, pretrain_log_settings
-    from raymim.train.loop import train_loop_per_worker
-
+    with_ray = ray_available()
     name = name or cfg.name
     storage = storage or default_storage()
+    if not with_ray:
+        if "://" in storage or extra_callbacks:
+            raise ConfigError("without Ray, pretraining writes to a local folder and takes no Ray Train callbacks "
+                              f"(storage {storage!r}); install Ray (pip install -e .) for remote storage and Tune")
+        if not (Path(data) / "manifest.json").is_file():
+            raise ConfigError(f"without Ray, pretraining reads prepared shards (raymim prepare), not raw scans: "
+                              f"{data!r} has no manifest.json")
     if "://" not in storage:
         storage = str(Path(storage).resolve())  # Ray Train wants an absolute local path
     latest = check_existing_checkpoints(storage, name, cfg)
     if latest:
         print(f"[raymim] resuming run {name!r} from step {latest}", flush=True)
-    ensure_ray(**pretrain_log_settings())  # `raymim pretrain --quiet` / `--log-level`
+    if with_ray:
+        ensure_ray(**pretrain_log_settings())  # `raymim pretrain --quiet` / `--log-level`
     uri, run_id = _mlflow_run(cfg, name, data, parent_run_id)
     import mlflow
 
@@ -277,40 +282,76 @@ def pretrain(cfg: RaymimConfig, data: str, name: str | None = None, storage: str
         probe, held = build_probe(data, cfg)
         if held:
             print(f"[raymim] probe: {len(probe)} crops of {len(held)} case(s) held out of pretraining", flush=True)
-        # Ray Data's own progress bars are off inside training: they redraw per block (tens of
-        # thousands of lines when stderr is a file) and say nothing the step lines do not.
-        ray.data.DataContext.get_current().enable_progress_bars = False
         spec, repeat = build_dataset(data, cfg, exclude=held)
-        resources = {"CPU": tc.cpus_per_worker}
-        if tc.use_gpu:
-            resources["GPU"] = 1
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "console": console,
-                               "best_dir": f"{storage.rstrip('/')}/{name}/best",
-                               "run_dir": None if "://" in storage else f"{storage}/{name}",
-                               "epochs_per_pass": repeat, "data": _local_path(data), "stream": ray.put(spec),
-                               "driver": ray.put(True),  # the crop streams stop when this driver dies
-                               "probe": None if probe is None else ray.put(probe)},
-            scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-                callbacks=extra_callbacks,
-            ),
-        )
+        loop_config = {"cfg": to_dict(cfg), "mlflow_uri": uri, "mlflow_run_id": run_id, "console": console,
+                       "best_dir": f"{storage.rstrip('/')}/{name}/best",
+                       "run_dir": None if "://" in storage else f"{storage}/{name}",
+                       "epochs_per_pass": repeat, "data": _local_path(data)}
         with system_metrics(run_id, uri), StepBar(client, run_id, tc.steps, latest, enabled=console == "bar"):
-            result = _fit(trainer)
-        if "://" not in storage and check_existing_checkpoints(storage, name, cfg) < tc.steps:
-            raise KeyboardInterrupt  # Ray Train returned early: its SIGINT handler aborted the run
+            if with_ray:
+                ckpt_path = _fit_with_ray(loop_config, spec, probe, cfg, name, storage, extra_callbacks)
+            else:
+                ckpt_path = _fit_here(loop_config, spec, probe, cfg, name, storage)
         if cfg.mlflow.register and parent_run_id is None:
             model = cfg.mlflow.registered_model or name
             version = register_encoder(client, run_id, model)
             print(f"[raymim] encoder registered as models:/{model}/{version}", flush=True)
     prune_orphan_checkpoints(storage, name)
     first, final = _metric_endpoints(uri, run_id)
-    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(name, run_id, uri, ckpt_path, first, final, tc.steps)
+
+
+def _fit_with_ray(loop_config: dict[str, Any], spec: dict[str, Any], probe: np.ndarray | None, cfg: RaymimConfig,
+                  name: str, storage: str, extra_callbacks: list[Any] | None) -> str | None:
+    """Fit the ``TorchTrainer``; returns the path of the run's latest checkpoint."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymim.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    # Ray Data's own progress bars are off inside training: they redraw per block (tens of
+    # thousands of lines when stderr is a file) and say nothing the step lines do not.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**loop_config, "stream": ray.put(spec),
+                           "driver": ray.put(True),  # the crop streams stop when this driver dies
+                           "probe": None if probe is None else ray.put(probe)},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=extra_callbacks,
+        ),
+    )
+    result = _fit(trainer)
+    if "://" not in storage and check_existing_checkpoints(storage, name, cfg) < tc.steps:
+        raise KeyboardInterrupt  # Ray Train returned early: its SIGINT handler aborted the run
+    return result.checkpoint.path if result.checkpoint is not None else None
+
+
+def loader_workers() -> int:
+    """DataLoader processes of a Ray-less run: one core is the training process's."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _fit_here(loop_config: dict[str, Any], spec: dict[str, Any], probe: np.ndarray | None, cfg: RaymimConfig,
+              name: str, storage: str) -> str | None:
+    """Run the loop in this process (no Ray); returns the path of the latest checkpoint."""
+    from raymim.train.loop import LocalRuntime, run_loop
+
+    tc = cfg.train
+    if tc.num_workers > 1:
+        print(f"[raymim] without Ray one process trains (train.num_workers={tc.num_workers} is not used)", flush=True)
+    rt = LocalRuntime(f"{storage}/{name}", tc.keep_checkpoints, tc.use_gpu, loader_workers())
+    run_loop({**loop_config, "stream": spec, "probe": probe, "driver": None}, rt)
+    return str(rt.latest) if rt.latest is not None else None
