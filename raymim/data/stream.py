@@ -9,7 +9,8 @@ node, ``num_cpus=1`` each), reads one volume (one Parquet row group: exactly its
 its K crops (:func:`raymim.data.crops.sample_crops`) and augments them (flips, 90-degree
 rotations, intensity scale / shift: :mod:`raymim.data.augment`, seeded by (seed, pass, volume,
 crop index)). The training process only iterates the batches: neither cropping nor
-augmentation runs on its critical path. (Per-step randomness that belongs to a method, such as
+augmentation runs on its critical path. Without Ray, :func:`local_batches` gives one worker the
+same items and crops through a torch DataLoader. (Per-step randomness that belongs to a method, such as
 masks, MiM's level boxes or HSSL's two views, is drawn by the method in the training process.)
 
 Passes. Iterator pass ``e`` covers data passes ``e R .. e R + R - 1`` (``R = epochs_per_pass``,
